@@ -1,0 +1,1 @@
+"""Turns checkpoints (trained here, or imported from GGUF or Hugging Face) into model dirs."""

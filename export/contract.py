@@ -1,0 +1,113 @@
+"""The serving-graph contract between export/ and server/: names and the model card.
+
+Pure Python (no torch, no onnxruntime): the exporter writes graphs with these
+names, the server binds them, and the model card (`attnserve.json`) records
+them so that a server can refuse a model dir that disagrees.
+
+Per call, B = KV slots in the call, S = padded chunk length, M = slot capacity:
+
+    input_ids               int64 [B, S]   new tokens, right-padded
+    position_ids            int64 [B, S]   absolute positions of the new tokens
+    seqlens_k               int32 [B]      tokens in the cache after this call, minus one
+    total_sequence_length   int32 []       an upper bound of seqlens_k + 1 (M)
+    query_seqlens           int32 [B]      valid new tokens per row; 0 = idle row
+    past_key_values.{i}.key/.value   float [B, Hkv, M, hd]   bound to the same buffers as
+    present.{i}.key/.value           float [B, Hkv, M, hd]   (written in place)
+    logits                  float [B, V]   of each row's last valid token
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "attnserve.json"
+TOKENIZER_FILE = "tokenizer.json"
+GENAI_CONFIG_FILE = "genai_config.json"
+CARD_FORMAT = 1
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+QUERY_SEQLENS = "query_seqlens"
+LOGITS = "logits"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def input_names(n_layers: int) -> list[str]:
+    names = [INPUT_IDS, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, QUERY_SEQLENS]
+    for i in range(n_layers):
+        names += [past_key(i), past_value(i)]
+    return names
+
+
+def output_names(n_layers: int) -> list[str]:
+    names = [LOGITS]
+    for i in range(n_layers):
+        names += [present_key(i), present_value(i)]
+    return names
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What `attnserve.json` says about a model dir; written by export/, read by server/."""
+
+    name: str
+    architecture: str  # "transformer" (seed-style) or "llama"
+    dtype: str  # "float32" or "float16": weights and KV cache
+    vocab_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_positions: int
+    special_tokens: dict  # bos_token_id, eos_token_id, pad_token_id (ints or None)
+    chat_template: Optional[str]
+    inputs: list
+    outputs: list
+    model: dict  # the full ModelConfig, for tools that rebuild the PyTorch module
+    exporter: dict  # versions that produced the dir
+    verification: dict  # figures measured at export, with their bounds
+    format: int = CARD_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelCard":
+        data = json.loads(text)
+        if data.get("format") != CARD_FORMAT:
+            raise ValueError(f"model card format {data.get('format')!r} is not {CARD_FORMAT}; re-export the model dir")
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(known - set(data) - {"format"})
+        if missing:
+            raise ValueError(f"model card lacks {', '.join(missing)}; re-export the model dir")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, model_dir) -> "ModelCard":
+        return cls.from_json((Path(model_dir) / CARD_FILE).read_text())
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.special_tokens.get("eos_token_id")
+        return [eos] if isinstance(eos, int) else list(eos or [])

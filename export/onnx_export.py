@@ -1,0 +1,68 @@
+"""Export the serving graph of a Transformer to ONNX with GroupQueryAttention.
+
+torch.export traces ServingGraph; the custom attention op becomes one
+com.microsoft.GroupQueryAttention node per layer (export/gqa_translation.py).
+Batch, chunk length and cache capacity stay dynamic, so the server picks its
+slot count and capacity at start-up.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from export import contract, gqa_translation
+from export.serving import ServingGraph
+from model.transformer import Transformer
+
+
+def example_inputs(model: Transformer, batch: int = 2, chunk: int = 5, capacity: int = 32):
+    """Inputs of the traced call; the values only need to be valid, every size is dynamic."""
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (batch, chunk), generator=generator)
+    position_ids = torch.arange(chunk).expand(batch, chunk).contiguous()
+    query_seqlens = torch.full((batch,), chunk, dtype=torch.int32)
+    past_shape = (batch, config.n_kv_heads, capacity, config.head_dim)
+    past = tuple(torch.zeros(past_shape) for _ in range(2 * config.n_layers))
+    return (input_ids, position_ids, query_seqlens - 1, torch.tensor(capacity, dtype=torch.int32), query_seqlens, *past)
+
+
+def export_onnx(model: Transformer, path: Path) -> Path:
+    """Write model.onnx (+ model.onnx.data with the weights) to path."""
+    config = model.config
+    batch, chunk, capacity = torch.export.Dim("batch"), torch.export.Dim("chunk"), torch.export.Dim("capacity")
+    cache_dims = tuple({0: batch, 2: capacity} for _ in range(2 * config.n_layers))
+    dynamic_shapes = ({0: batch, 1: chunk}, {0: batch, 1: chunk}, {0: batch}, None, {0: batch}, cache_dims)
+    with warnings.catch_warnings(), _quiet_exporter_logs():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ServingGraph(model).eval(),
+            example_inputs(model),
+            str(path),
+            dynamo=True,
+            input_names=contract.input_names(config.n_layers),
+            output_names=contract.output_names(config.n_layers),
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table={
+                torch.ops.attnserve.group_query_attention.default: gqa_translation.group_query_attention
+            },
+            external_data=True,
+            optimize=True,
+            verbose=False,
+        )
+    return Path(path)
+
+
+class _quiet_exporter_logs:
+    """The exporter logs every skipped torchvision op at WARNING; keep the CLI output readable."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("torch.onnx")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
