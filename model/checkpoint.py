@@ -42,6 +42,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
     try:
         state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
