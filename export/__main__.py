@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             gguf_file = args.from_gguf or importers.find_smollm2_gguf()
             print(f"importing {gguf_file} ...")
-            importers.import_gguf(gguf_file, checkpoint)
+            importers.import_gguf(gguf_file, checkpoint, name=args.preset)
         build_model_dir(checkpoint, args.out)
 
 

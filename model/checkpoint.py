@@ -50,6 +50,8 @@ def save_checkpoint(
         meta.update(extra or {})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / TOKENIZER).write_text(tokenizer_json)
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; servers often run as another user
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,7 @@ class StepInputs:
     position_ids: np.ndarray  # int64 [rows, S]
     seqlens_k: np.ndarray  # int32 [rows]: tokens in the slot after this step, minus one
     query_seqlens: np.ndarray  # int32 [rows]: new tokens per row, 0 = idle
+    first_slot: int = 0  # row r of the call is KV slot first_slot + r
 
     @property
     def rows(self) -> int:
@@ -88,7 +89,7 @@ class ModelRunner:
             )
 
     def step(self, inputs: StepInputs) -> np.ndarray:
-        """Run one call over slots [0, rows); returns float32 logits [rows, V]."""
+        """Run one call over slots [first_slot, first_slot + rows); returns float32 logits [rows, V]."""
         binding = self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -98,6 +99,6 @@ class ModelRunner:
         binding.bind_cpu_input(contract.QUERY_SEQLENS, inputs.query_seqlens)
         binding.bind_cpu_input(contract.TOTAL_SEQUENCE_LENGTH, np.array(self.cache.shape.capacity, dtype=np.int32))
         binding.bind_output(contract.LOGITS, "cpu")  # first, so it is get_outputs()[0]
-        self.cache.bind(binding, inputs.rows)
+        self.cache.bind(binding, inputs.first_slot, inputs.rows)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()

@@ -1,0 +1,1 @@
+"""The attnserve wire API (generated modules come from `make proto`)."""

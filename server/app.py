@@ -1,0 +1,173 @@
+"""Wires the server together and runs it until SIGTERM or SIGINT.
+
+    ServerConfig ─► ModelCard + ModelRunner (onnxruntime, KV buffers) ─► Engine thread
+                                                                            ▲ submit / cancel
+    grpc.aio server: Generation service, grpc.health.v1.Health, reflection ─┘
+    prometheus /metrics (server/metrics.py observes the engine)
+
+Shutdown: health turns NOT_SERVING, new requests get UNAVAILABLE, accepted
+requests finish within --drain-grace-seconds, then the process exits 0. An
+engine that breaks (repeated step failures) turns health NOT_SERVING and the
+process exits 1 so the orchestrator restarts it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from export import contract
+from export.contract import ModelCard
+from proto.attnserve.v1 import generation_pb2 as pb
+from server import metrics
+from server.config import ServerConfig
+from server.engine import Engine, EngineConfig
+from server.prompts import PromptCodec, load_tokenizer
+from server.runner import ModelRunner
+from server.service import SERVICE_NAME, GenerationService
+from server.validation import Limits
+
+log = logging.getLogger("attnserve")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is the one line it prints before exiting non-zero."""
+
+
+def package_version() -> str:
+    try:
+        return version("attnserve")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def load_card(model_dir: Path) -> ModelCard:
+    if not Path(model_dir).is_dir():
+        raise StartupError(f"model dir {model_dir} does not exist; build one with `python -m export` (or `make model`)")
+    for name in (contract.MODEL_FILE, contract.CARD_FILE, contract.TOKENIZER_FILE):
+        if not (Path(model_dir) / name).is_file():
+            raise StartupError(f"model dir {model_dir} has no {name}; re-export it with `python -m export`")
+    try:
+        return ModelCard.load(model_dir)
+    except (ValueError, TypeError) as e:
+        raise StartupError(f"{model_dir}/{contract.CARD_FILE} is unreadable: {e}") from None
+
+
+@dataclass
+class Server:
+    """A started server; tests drive it through these handles."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    engine: Engine
+    health: health_aio.HealthServicer
+    config: ServerConfig
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, let accepted requests finish (bounded by the grace period), then stop."""
+        await self.set_serving(False)
+        self.engine.begin_drain()
+        grace = self.config.drain_grace_seconds
+        loop = asyncio.get_running_loop()
+        finished = await loop.run_in_executor(None, self.engine.wait_idle, grace)
+        if not finished:
+            log.warning("drain grace of %.0f s passed; cancelling the requests still running", grace)
+        await loop.run_in_executor(None, self.engine.stop)
+        await self.grpc_server.stop(grace=1.0)
+
+
+async def start_server(config: ServerConfig) -> Server:
+    card = load_card(config.model)
+    capacity = min(config.max_seq_len, card.max_positions)
+    try:
+        runner = ModelRunner(config.model, card, config.kv_slots, capacity, config.device, config.intra_op_threads)
+    except Exception as e:
+        raise StartupError(str(e)) from None
+    tokenizer = load_tokenizer(config.model)
+    codec = PromptCodec(tokenizer, card)
+    observer = metrics.Metrics(card, runner.provider, package_version(), config.kv_slots, capacity)
+    engine = Engine(runner, tokenizer, card, EngineConfig(
+        kv_slots=config.kv_slots, max_seq_len=capacity, prefill_chunk_tokens=config.prefill_chunk_tokens,
+        max_queued_requests=config.max_queued_requests,
+    ), observer=observer)
+    limits = Limits(
+        context=capacity, vocab_size=card.vocab_size, default_max_new_tokens=config.default_max_new_tokens,
+        max_new_tokens_limit=config.max_new_tokens_limit, max_stop_strings=config.max_stop_strings,
+        max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
+    )
+    model_info = pb.ModelInfo(
+        name=card.name, architecture=card.architecture, dtype=card.dtype, execution_provider=runner.provider,
+        vocab_size=card.vocab_size, max_positions=card.max_positions, max_seq_len=capacity,
+        kv_slots=config.kv_slots, max_new_tokens_limit=config.max_new_tokens_limit,
+        has_chat_template=codec.has_chat_template, max_stop_strings=config.max_stop_strings,
+        max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
+        version=package_version(),
+    )
+    service = GenerationService(engine, codec, limits, model_info)
+
+    grpc_server = grpc.aio.server(
+        interceptors=[observer.grpc_interceptor()],
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+        ],
+    )
+    grpc_server.add_generic_rpc_handlers((service.handler(),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    try:
+        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as e:
+        raise StartupError(f"cannot listen on {config.host}:{config.port} ({e}); is the port in use?") from None
+    metrics_port = observer.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else -1
+    engine.start()
+    await grpc_server.start()
+    server = Server(grpc_server, port, metrics_port, engine, health, config)
+    await server.set_serving(True)
+    return server
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0 after draining) or until the engine breaks (exit 1)."""
+    server = await start_server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    broken = asyncio.Event()
+    server.engine.observer.on_fatal_callbacks.append(lambda error: loop.call_soon_threadsafe(broken.set))
+    log.info(
+        "attnserve ready: grpc %s:%d, metrics %s, model %s (%s, %s), %d KV slots x %d tokens",
+        config.host, server.port, server.metrics_port if server.metrics_port >= 0 else "off",
+        server.engine.card.name, server.engine.runner.provider, server.engine.card.dtype,
+        config.kv_slots, server.engine.config.max_seq_len,
+    )
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), asyncio.create_task(broken.wait())],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if broken.is_set():
+        log.error("engine broken (%s); exiting so the orchestrator restarts the server", server.engine.broken)
+        await server.set_serving(False)
+        await server.grpc_server.stop(grace=1.0)
+        return 1
+    log.info("shutting down: draining accepted requests (grace %.0f s)", config.drain_grace_seconds)
+    await server.drain_and_stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,89 @@
+"""The server's one configuration object, loaded once from CLI flags with environment fallbacks.
+
+Every field is a flag `--name-with-dashes` and an environment variable
+`ATTNSERVE_NAME_IN_CAPS`; a flag beats the variable, the variable beats the
+default. Nothing is read at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+ENV_PREFIX = "ATTNSERVE_"
+
+
+def _option(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path = _option(None, "model dir written by `python -m export` (required)")
+    host: str = _option("0.0.0.0", "address to bind the gRPC and metrics servers to")
+    port: int = _option(50051, "gRPC port; 0 picks a free one (logged at start)")
+    metrics_port: int = _option(9090, "Prometheus /metrics port; 0 picks a free one, -1 disables it")
+    kv_slots: int = _option(16, "requests decoded at once: one preallocated KV cache row each")
+    max_seq_len: int = _option(2048, "tokens per KV slot (prompt + generated); capped by the model's context")
+    prefill_chunk_tokens: int = _option(256, "prompt tokens computed per engine step, across requests")
+    max_queued_requests: int = _option(256, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
+    default_max_new_tokens: int = _option(256, "max_new_tokens when a request leaves it 0")
+    max_new_tokens_limit: int = _option(2048, "largest max_new_tokens a request may ask for")
+    max_stop_strings: int = _option(8, "most stop strings per request")
+    max_stop_string_length: int = _option(128, "longest stop string, in characters")
+    max_logprobs: int = _option(20, "largest top-n logprobs a request may ask for")
+    max_request_bytes: int = _option(4 * 1024 * 1024, "largest request message; larger ones get RESOURCE_EXHAUSTED")
+    intra_op_threads: int = _option(0, "onnxruntime intra-op threads; 0 = one per core")
+    device: str = _option("auto", "cpu, cuda, or auto (cuda when onnxruntime-gpu sees a GPU)", choices=("cpu", "cuda", "auto"))
+    drain_grace_seconds: float = _option(30.0, "on SIGTERM, how long accepted requests may take to finish")
+    log_level: str = _option("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self):
+        problems = []
+        if self.model is None:
+            problems.append("--model is required (or ATTNSERVE_MODEL)")
+        for name in ("kv_slots", "max_seq_len", "prefill_chunk_tokens", "max_queued_requests",
+                     "default_max_new_tokens", "max_new_tokens_limit", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            problems.append("--default-max-new-tokens must not exceed --max-new-tokens-limit")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] = None) -> ServerConfig:
+    """Flags, then ATTNSERVE_* variables, then defaults. Raises ValueError with every problem found."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="python -m server", description="Serve a model dir over gRPC.")
+    for f in dataclasses.fields(ServerConfig):
+        env_name = ENV_PREFIX + f.name.upper()
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            choices=f.metadata.get("choices"), type=_type_of(f),
+            help=f"{f.metadata['help']} [env {env_name}; default {f.default}]",
+        )
+    args = parser.parse_args(argv)
+    values = {}
+    for f in dataclasses.fields(ServerConfig):
+        value = getattr(args, f.name)
+        if value is None and ENV_PREFIX + f.name.upper() in environ:
+            raw = environ[ENV_PREFIX + f.name.upper()]
+            try:
+                value = _type_of(f)(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX + f.name.upper()}={raw!r} is not a valid {f.name}") from None
+        if value is not None:
+            values[f.name] = value
+    return ServerConfig(**values)
+
+
+def _type_of(f: dataclasses.Field):
+    return {"model": Path, "host": str, "device": str, "log_level": str}.get(f.name) or type(f.default)

@@ -1,0 +1,88 @@
+"""The edge: protobuf messages in, core dataclasses out, and back. Nothing else touches protobuf."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Optional
+
+from proto.attnserve.v1 import generation_pb2 as pb
+from server import validation
+from server.errors import InvalidRequestError
+from server.prompts import PromptCodec
+from server.types import FinishReason, GenerationRequest, GenerationUpdate, TokenLogprob
+from server.validation import Limits
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def prompt_ids(message, codec: PromptCodec, limits: Limits) -> list[int]:
+    """Token ids of a GenerateRequest's or TokenizeRequest's input, whichever form it takes."""
+    kind = message.WhichOneof("input")
+    if kind == "prompt":
+        if not message.prompt:
+            raise InvalidRequestError("prompt", "is empty; send some text")
+        return validation.prompt_token_ids(codec.encode_prompt(message.prompt), limits, "prompt")
+    if kind == "messages":
+        chat = [(m.role, m.content) for m in message.messages.messages]
+        return validation.prompt_token_ids(codec.encode_chat(chat), limits, "messages")
+    if kind == "prompt_token_ids":
+        return validation.prompt_token_ids(list(message.prompt_token_ids.ids), limits, "prompt_token_ids")
+    raise InvalidRequestError("prompt", "is missing; set one of prompt, messages or prompt_token_ids")
+
+
+def request_from_proto(message: pb.GenerateRequest, codec: PromptCodec, limits: Limits,
+                       time_remaining: Optional[float]) -> GenerationRequest:
+    ids = prompt_ids(message, codec, limits)
+    sampling = message.sampling
+    params = validation.sampling_params(
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p if sampling.HasField("top_p") else None,
+        repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else None,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+    )
+    return GenerationRequest(
+        request_id=message.request_id or uuid.uuid4().hex,
+        prompt_token_ids=ids,
+        max_new_tokens=validation.max_new_tokens(message.max_new_tokens, len(ids), limits),
+        sampling=params,
+        stop=validation.stop_strings(list(message.stop), limits),
+        logprobs=validation.logprobs(message.logprobs, limits),
+        deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
+    )
+
+
+def logprobs_to_proto(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                        top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+        for lp in logprobs
+    ]
+
+
+def stream_response(request_id: str, update: GenerationUpdate) -> pb.GenerateStreamResponse:
+    response = pb.GenerateStreamResponse(
+        request_id=request_id, text=update.text, token_ids=update.token_ids,
+        logprobs=logprobs_to_proto(update.logprobs),
+    )
+    if update.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[update.finish_reason]
+        response.usage.CopyFrom(pb.Usage(prompt_tokens=update.prompt_tokens, completion_tokens=update.completion_tokens))
+    return response
+
+
+def unary_response(request_id: str, updates: list[GenerationUpdate]) -> pb.GenerateResponse:
+    last = updates[-1]
+    return pb.GenerateResponse(
+        request_id=request_id,
+        text="".join(u.text for u in updates),
+        token_ids=[t for u in updates for t in u.token_ids],
+        finish_reason=FINISH_REASONS[last.finish_reason],
+        usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+        logprobs=logprobs_to_proto(tuple(lp for u in updates for lp in u.logprobs)),
+    )

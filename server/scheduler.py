@@ -1,0 +1,163 @@
+"""The scheduler: pure logic, no I/O, no onnxruntime, no clocks.
+
+Each sequence only tracks the tokens it knows (prompt + generated) against the
+tokens already computed into its KV slot, so prefill and decode are one path:
+a step computes, per sequence, some of the tokens it has not computed yet.
+
+    add(seq) ──► waiting ──(slot free, budget left)──► running ──finish/abort──► slot released
+                                                          │
+                               schedule() -> StepPlan ────┤ every running row gets its next chunk:
+                               update(plan, sampled)  ◄───┘ decode rows 1 token, prefills up to the budget
+
+Decode rows are always scheduled, so a long prompt never stalls running
+streams; prompt tokens share a per-step budget (`prefill_chunk_tokens`).
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from server.slots import SlotManager
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    slot: Optional[int] = None
+    num_computed: int = 0  # tokens whose keys and values are in the slot
+
+    @property
+    def num_to_compute(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens token_ids[start : start + length] of `seq`, computed into `slot` this step."""
+
+    seq: Sequence
+    slot: int
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """True when the chunk reaches the last known token, so its logits give the next token."""
+        return self.start + self.length == len(self.seq.token_ids)
+
+
+@dataclass
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    rows: int = 0  # leading slots the step must bind
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.length for c in self.chunks if c.seq.num_computed < c.seq.num_prompt_tokens)
+
+
+class Scheduler:
+    def __init__(self, slots: SlotManager, prefill_chunk_tokens: int):
+        if prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be at least 1")
+        self.slots = slots
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished, cancelled, expired or failed) and free its slot."""
+        if seq.slot is not None:
+            self.running.remove(seq)
+            self.slots.release(seq.slot)
+            seq.slot = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.prefill_chunk_tokens
+        # Decode rows first: every running stream advances every step.
+        for seq in self.running:
+            if seq.num_to_compute == 1 and seq.num_computed >= seq.num_prompt_tokens:
+                plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, 1))
+        # Then prompts already being prefilled, then new arrivals while slots and budget last.
+        for seq in self._prefill_candidates():
+            if budget == 0:
+                break
+            if seq.slot is None:
+                seq.slot = self.slots.allocate()
+                if seq.slot is None:
+                    break
+                self.waiting.remove(seq)
+                self.running.append(seq)
+            length = min(seq.num_to_compute, budget)
+            budget -= length
+            plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, length))
+        plan.rows = self.slots.rows_to_bind()
+        return plan
+
+    def _prefill_candidates(self) -> Iterable[Sequence]:
+        yield from [s for s in self.running if s.num_computed < s.num_prompt_tokens]
+        yield from list(self.waiting)
+
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> None:
+        """Record a finished step: chunks are now computed; sampled[seq_id] is each sampling row's next token."""
+        for chunk in plan.chunks:
+            chunk.seq.num_computed = chunk.start + chunk.length
+            if chunk.seq.seq_id in sampled:
+                chunk.seq.token_ids.append(sampled[chunk.seq.seq_id])
+
+
+@dataclass(frozen=True)
+class Call:
+    """One onnxruntime call: slots [first_slot, first_slot + rows), with these chunks (others idle)."""
+
+    first_slot: int
+    rows: int
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def width(self) -> int:
+        return max(c.length for c in self.chunks)
+
+
+def split_into_calls(plan: StepPlan, call_overhead_tokens: int) -> list[Call]:
+    """Group a step's chunks into onnxruntime calls.
+
+    A call pads every row to its longest chunk, so one mixed call costs about
+    rows x longest-chunk token computations. When that dwarfs the useful work,
+    decode rows go in one call and each prefill chunk in a call of its own
+    (bound to just its slot), at the price of `call_overhead_tokens` per extra call.
+    """
+    if not plan.chunks:
+        return []
+    mixed = Call(0, plan.rows, tuple(plan.chunks))
+    decode = tuple(c for c in plan.chunks if c.length == 1)
+    prefill = [c for c in plan.chunks if c.length > 1]
+    if not prefill:
+        return [mixed]
+    decode_rows = max(c.slot for c in decode) + 1 if decode else 0
+    split_cost = decode_rows + sum(c.length + call_overhead_tokens for c in prefill)
+    if plan.rows * mixed.width <= split_cost:
+        return [mixed]
+    calls = [Call(0, decode_rows, decode)] if decode else []
+    return calls + [Call(c.slot, 1, (c,)) for c in prefill]

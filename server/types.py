@@ -1,0 +1,63 @@
+"""Core types of the engine. Protobuf messages exist only at the edge (server/convert.py)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached, or the slot's capacity
+    STOP = "stop"  # a stop string matched
+    EOS = "eos"  # the model emitted an end-of-sequence token
+    CANCELLED = "cancelled"  # client cancelled, deadline passed, or the server is stopping
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    repetition_penalty: float = 1.0  # 1 = none; >1 discourages tokens already in prompt or output
+    seed: Optional[int] = None  # None = a random seed chosen by the server
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request, as the engine sees it: token ids in, token ids out."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0  # top-n alternatives to report per generated token; 0 = none
+    deadline: Optional[float] = None  # time.monotonic() after which the request is cancelled
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) of the top-n alternatives
+
+
+@dataclass(frozen=True)
+class GenerationUpdate:
+    """What the engine sends to a request's stream: new tokens and text, and at the end, why it finished."""
+
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: Optional[FinishReason] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[BaseException] = None  # set when the engine failed this request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
