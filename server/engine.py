@@ -106,7 +106,7 @@ class RequestState:
         self.request = request
         self.on_update = on_update
         self.sampler = RequestSampler(request.sampling, vocab_size, request.prompt_token_ids, request.logprobs)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop = StopMatcher(request.stop)
         self.arrived = arrived
         self.admitted: Optional[float] = None

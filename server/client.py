@@ -1,0 +1,136 @@
+"""A small attnserve client: `python -m server.client "prompt"` streams the answer to the terminal.
+
+In your own code:
+
+    from server.client import AttnserveClient
+    with AttnserveClient("localhost:50051") as client:
+        print(client.generate("The capital of France is", max_new_tokens=16).text)
+        for chunk in client.stream(messages=[("user", "Hi!")]):
+            print(chunk.text, end="", flush=True)
+
+UNAVAILABLE (a restarting or draining server) is retried with exponential
+backoff by gRPC itself, through the service config below; deadlines are honoured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterator, Optional, Sequence
+
+import grpc
+
+from proto.attnserve.v1 import generation_pb2 as pb
+from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "attnserve.v1.Generation"}],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]
+})
+
+
+def build_request(prompt: Optional[str] = None, messages: Optional[Sequence[tuple[str, str]]] = None,
+                  max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
+                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+                  seed: Optional[int] = None, stop: Sequence[str] = (), logprobs: int = 0,
+                  request_id: str = "", prompt_token_ids: Optional[Sequence[int]] = None) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), logprobs=logprobs,
+                                 request_id=request_id)
+    if messages is not None:
+        request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]))
+    elif prompt_token_ids is not None:
+        request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=list(prompt_token_ids)))
+    else:
+        request.prompt = prompt or ""
+    request.sampling.temperature = temperature
+    request.sampling.top_k = top_k
+    if top_p is not None:
+        request.sampling.top_p = top_p
+    if repetition_penalty is not None:
+        request.sampling.repetition_penalty = repetition_penalty
+    if seed is not None:
+        request.sampling.seed = seed
+    return request
+
+
+class AttnserveClient:
+    def __init__(self, target: str = "localhost:50051", timeout: Optional[float] = None,
+                 options: Sequence[tuple] = ()):
+        self.timeout = timeout  # seconds per call; None = no deadline
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG), *options,
+        ])
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def generate(self, prompt: Optional[str] = None, **kwargs) -> pb.GenerateResponse:
+        timeout = kwargs.pop("timeout", self.timeout)
+        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+
+    def stream(self, prompt: Optional[str] = None, **kwargs) -> Iterator[pb.GenerateStreamResponse]:
+        timeout = kwargs.pop("timeout", self.timeout)
+        return self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.client", description="Stream an answer from attnserve.")
+    parser.add_argument("prompt", help="the prompt, or with --chat the user's message")
+    parser.add_argument("--target", default="localhost:50051", help="server address [localhost:50051]")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message, rendered with the model's chat template")
+    parser.add_argument("--system", help="with --chat, a system message first")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0 = the server's default")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds [120]")
+    args = parser.parse_args(argv)
+
+    messages = None
+    if args.chat:
+        messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+    try:
+        with AttnserveClient(args.target, timeout=args.timeout) as client:
+            last = None
+            for last in client.stream(
+                None if args.chat else args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+            ):
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if last is not None:
+                reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+                print(f"[{reason}; {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} generated tokens]",
+                      file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""End-to-end over real gRPC on loopback: batching is invisible, cancellation frees slots, queues refuse fast."""
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from export.contract import ModelCard
+from model import load_checkpoint
+from proto.attnserve.v1 import generation_pb2 as pb
+from server.client import build_request
+
+
+def random_prompts(seed: int, count: int, vocab: int, max_len: int):
+    rng = np.random.default_rng(seed)
+    lengths = [1, max_len] + rng.integers(1, max_len, count - 2).tolist()
+    return [rng.integers(1, vocab, n).tolist() for n in lengths]
+
+
+def generate_ids(stub, ids, max_new_tokens, **sampling):
+    response = stub.Generate(build_request(prompt_token_ids=ids, max_new_tokens=max_new_tokens, **sampling), timeout=300)
+    return list(response.token_ids), response.finish_reason
+
+
+def concurrent_vs_alone(stub, prompts, max_new, sampling):
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda i: generate_ids(stub, prompts[i], max_new[i], **sampling[i]), range(len(prompts))))
+    alone = [generate_ids(stub, prompts[i], max_new[i], **sampling[i]) for i in range(len(prompts))]
+    return together, alone
+
+
+def test_32_concurrent_greedy_requests_equal_each_alone(test_server):
+    seed = random.randrange(2**31)
+    prompts = random_prompts(seed, 32, 500, 400)
+    max_new = [int(n) for n in np.random.default_rng(seed + 1).integers(1, 40, 32)]
+    together, alone = concurrent_vs_alone(test_server.stub(), prompts, max_new, [{}] * 32)
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert a == b, f"seed {seed}: request {i} (prompt {len(prompts[i])} tokens) differs when batched"
+        assert len(a[0]) == max_new[i] or a[1] != pb.FINISH_REASON_LENGTH
+
+
+def test_32_concurrent_seeded_sampling_requests_equal_each_alone(test_server):
+    seed = random.randrange(2**31)
+    prompts = random_prompts(seed, 32, 500, 300)
+    sampling = [dict(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=1000 + i) for i in range(32)]
+    together, alone = concurrent_vs_alone(test_server.stub(), prompts, [24] * 32, sampling)
+    assert together == alone, f"seed {seed}: seeded sampling depends on the batch"
+    assert len({tuple(t[0]) for t in together}) > 1
+
+
+def test_served_greedy_equals_pytorch_full_recomputation(test_server, test_checkpoint, test_model_dir):
+    model, config = load_checkpoint(test_checkpoint)
+    eos = set(ModelCard.load(test_model_dir).eos_token_ids)
+    rng = np.random.default_rng(random.randrange(2**31))
+    prompt = [int(t) for t in rng.integers(0, config.vocab_size, 17) if int(t) not in eos]
+    served, reason = generate_ids(test_server.stub(), prompt, 64)
+    tokens, expected = list(prompt), []
+    with torch.no_grad():
+        while len(expected) < 64:
+            expected.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+            tokens.append(expected[-1])
+            if expected[-1] in eos:
+                break
+    # The server streams every token but EOS; it ends with finish reason EOS exactly where PyTorch emits it.
+    if expected[-1] in eos:
+        assert served == expected[:-1] and reason == pb.FINISH_REASON_EOS
+    else:
+        assert served == expected and len(served) == 64
+
+
+def test_cancelling_200_streams_frees_every_slot(test_server):
+    stub = test_server.stub()
+    rng = random.Random(7)
+    prompt = random_prompts(3, 2, 500, 50)[1]
+    reference, _ = generate_ids(stub, prompt, 20)
+
+    def cancel_after(n_messages):
+        call = stub.GenerateStream(build_request(prompt_token_ids=prompt, max_new_tokens=200, temperature=0.8, seed=n_messages), timeout=120)
+        received = 0
+        for _ in call:
+            received += 1
+            if received >= n_messages:
+                break
+        call.cancel()
+        return received
+
+    def steady():
+        return generate_ids(stub, prompt, 20)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        steady_runs = [pool.submit(steady) for _ in range(8)]
+        cancelled = list(pool.map(cancel_after, [rng.randint(1, 30) for _ in range(200)]))
+    assert all(r.result() == reference for r in steady_runs)
+    assert len(cancelled) == 200
+    assert test_server.wait_for_metric("attnserve_kv_slots_in_use", 0) == 0
+    assert test_server.wait_for_metric("attnserve_requests_running", 0) == 0
+    assert generate_ids(stub, prompt, 20)[0] == reference
+
+
+def test_full_queue_is_refused_fast_then_recovers(test_model_dir, server_process):
+    server = server_process(test_model_dir, "--kv-slots", "1", "--max-queued-requests", "2", "--max-seq-len", "512")
+    try:
+        stub = server.stub()
+        long = [build_request(prompt_token_ids=[5] * 8, max_new_tokens=400) for _ in range(3)]
+        futures = [stub.Generate.future(r, timeout=120) for r in long]
+        # Wait until one runs and two wait.
+        deadline = time.monotonic() + 30
+        while server.metric("attnserve_requests_waiting") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(build_request(prompt_token_ids=[5, 6], max_new_tokens=4), timeout=10)
+        elapsed = time.perf_counter() - started
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max-queued-requests" in info.value.details()
+        assert elapsed < 0.050, f"rejection took {elapsed * 1000:.1f} ms"
+        for f in futures:
+            assert len(f.result().token_ids) == 400
+        ids, _ = generate_ids(stub, [5, 6], 4)
+        assert len(ids) == 4
+    finally:
+        server.stop()

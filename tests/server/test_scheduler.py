@@ -1,0 +1,130 @@
+"""The scheduler and slot manager are pure: tested with fake sampled tokens, no onnxruntime."""
+import random
+
+import pytest
+
+from server.scheduler import Chunk, Scheduler, Sequence, StepPlan, split_into_calls
+from server.slots import SlotManager
+
+
+def make(slots=4, budget=8, capacity=64):
+    return Scheduler(SlotManager(slots, capacity), budget)
+
+
+def seq(seq_id, prompt_len):
+    return Sequence(seq_id, list(range(100, 100 + prompt_len)), prompt_len)
+
+
+def run_step(scheduler, next_token=7):
+    plan = scheduler.schedule()
+    sampled = {c.seq.seq_id: next_token for c in plan.chunks if c.samples}
+    scheduler.update(plan, sampled)
+    return plan
+
+
+def test_prompt_is_chunked_under_budget_then_decodes():
+    s = make(budget=8)
+    a = seq(0, 20)
+    s.add(a)
+    lengths = [run_step(s).chunks[0].length for _ in range(4)]
+    assert lengths == [8, 8, 4, 1]  # three prefill chunks (the last one samples), then a decode step
+    assert a.num_computed == 21 and len(a.token_ids) == 22
+
+
+def test_decode_rows_are_never_starved_by_a_long_prompt():
+    s = make(budget=4)
+    a = seq(0, 2)
+    s.add(a)
+    run_step(s)  # a prefills and samples its first token
+    s.add(seq(1, 50))
+    for _ in range(10):
+        plan = run_step(s)
+        decode = [c for c in plan.chunks if c.seq is a]
+        assert decode and decode[0].length == 1
+        assert plan.num_prefill_tokens <= 4
+
+
+def test_waiting_requests_join_when_a_slot_frees():
+    s = make(slots=2, budget=100)
+    seqs = [seq(i, 3) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    plan = run_step(s)
+    assert {c.seq.seq_id for c in plan.chunks} == {0, 1}
+    assert seqs[2].slot is None and len(s.waiting) == 1
+    s.remove(seqs[0])
+    plan = run_step(s)
+    assert seqs[2].slot == 0  # the lowest free slot is reused
+    assert {c.seq.seq_id for c in plan.chunks} == {1, 2}
+
+
+def test_remove_frees_slot_for_waiting_and_running():
+    s = make(slots=1)
+    a, b = seq(0, 3), seq(1, 3)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    s.remove(b)  # waiting
+    s.remove(a)  # running
+    assert s.slots.free == 1 and not s.has_work
+
+
+def test_rows_to_bind_covers_highest_busy_slot():
+    s = make(slots=4, budget=100)
+    seqs = [seq(i, 2) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    run_step(s)
+    s.remove(seqs[0])
+    plan = run_step(s)
+    assert plan.rows == 3
+
+
+def test_random_workload_invariants():
+    rng = random.Random(1234)
+    s = make(slots=3, budget=6)
+    live = {}
+    next_id = 0
+    for _ in range(300):
+        if rng.random() < 0.3:
+            x = seq(next_id, rng.randint(1, 20))
+            live[next_id] = x
+            s.add(x)
+            next_id += 1
+        plan = run_step(s)
+        slots = [c.slot for c in plan.chunks]
+        assert len(slots) == len(set(slots))  # one chunk per slot
+        assert plan.num_prefill_tokens <= 6
+        for c in plan.chunks:
+            assert c.start + c.length <= len(c.seq.token_ids)
+        for x in list(live.values()):
+            if x.num_generated >= 3 or (x.slot is not None and rng.random() < 0.05):
+                s.remove(x)
+                del live[x.seq_id]
+        assert s.slots.in_use == len(s.running) <= 3
+    for x in list(live.values()):
+        s.remove(x)
+    assert s.slots.free == 3
+
+
+def _chunk(slot, length, prompt_len=100):
+    x = Sequence(slot, list(range(prompt_len + 1)), prompt_len, slot=slot, num_computed=prompt_len + 1 - length)
+    return Chunk(x, slot, x.num_computed, length)
+
+
+def test_split_into_calls_keeps_cheap_mixes_together():
+    plan = StepPlan([_chunk(0, 1), _chunk(1, 1), _chunk(2, 3)], rows=3)
+    calls = split_into_calls(plan, call_overhead_tokens=32)
+    assert len(calls) == 1 and calls[0].rows == 3 and calls[0].width == 3
+
+
+def test_split_into_calls_separates_long_prefill_from_many_decode_rows():
+    plan = StepPlan([_chunk(i, 1) for i in range(16)] + [_chunk(16, 256)], rows=17)
+    calls = split_into_calls(plan, call_overhead_tokens=32)
+    assert [(c.first_slot, c.rows, c.width) for c in calls] == [(0, 16, 1), (16, 1, 256)]
+
+
+@pytest.mark.parametrize("budget", [0, -1])
+def test_budget_must_be_positive(budget):
+    with pytest.raises(ValueError):
+        make(budget=budget)
