@@ -21,6 +21,7 @@ import export
 from export import contract
 from export.contract import ModelCard
 from export.errors import ExportError
+from export.genai import write_genai_files
 from export.onnx_export import export_onnx
 from export.verify import verify
 from model.checkpoint import TOKENIZER, read_checkpoint_meta, load_checkpoint, replace_dir
@@ -72,6 +73,7 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print) -> ModelCard
         figures = verify(model, tmp, card, bound=BOUNDS[card.architecture])
         card = make_card(config, meta, verification=figures)
         (tmp / contract.CARD_FILE).write_text(card.to_json())
+        write_genai_files(tmp, card)
         log(format_figures(figures))
         replace_dir(tmp, out_dir)
     except BaseException:

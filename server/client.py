@@ -41,9 +41,10 @@ def build_request(prompt: Optional[str] = None, messages: Optional[Sequence[tupl
                   max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
                   top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                   seed: Optional[int] = None, stop: Sequence[str] = (), logprobs: int = 0,
-                  request_id: str = "", prompt_token_ids: Optional[Sequence[int]] = None) -> pb.GenerateRequest:
+                  request_id: str = "", prompt_token_ids: Optional[Sequence[int]] = None,
+                  ignore_eos: bool = False) -> pb.GenerateRequest:
     request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), logprobs=logprobs,
-                                 request_id=request_id)
+                                 request_id=request_id, ignore_eos=ignore_eos)
     if messages is not None:
         request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]))
     elif prompt_token_ids is not None:

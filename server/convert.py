@@ -54,6 +54,7 @@ def request_from_proto(message: pb.GenerateRequest, codec: PromptCodec, limits: 
         stop=validation.stop_strings(list(message.stop), limits),
         logprobs=validation.logprobs(message.logprobs, limits),
         deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
+        ignore_eos=message.ignore_eos,
     )
 
 

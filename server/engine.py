@@ -282,7 +282,7 @@ class Engine:
         state.token_times.append(now)
         seq, request = state.seq, state.request
         reason, text = None, ""
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not request.ignore_eos:
             reason = FinishReason.EOS
         else:
             text, stopped = state.stop.push(state.detokenizer.push(token))

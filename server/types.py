@@ -37,6 +37,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     logprobs: int = 0  # top-n alternatives to report per generated token; 0 = none
     deadline: Optional[float] = None  # time.monotonic() after which the request is cancelled
+    ignore_eos: bool = False  # generate past end-of-sequence tokens (benchmarks want fixed lengths)
 
 
 @dataclass(frozen=True)

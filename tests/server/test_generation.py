@@ -103,25 +103,31 @@ def test_cancelling_200_streams_frees_every_slot(test_server):
 
 
 def test_full_queue_is_refused_fast_then_recovers(test_model_dir, server_process):
-    server = server_process(test_model_dir, "--kv-slots", "1", "--max-queued-requests", "2", "--max-seq-len", "512")
-    try:
-        stub = server.stub()
-        long = [build_request(prompt_token_ids=[5] * 8, max_new_tokens=400) for _ in range(3)]
-        futures = [stub.Generate.future(r, timeout=120) for r in long]
-        # Wait until one runs and two wait.
+    server = server_process(test_model_dir, "--kv-slots", "1", "--max-queued-requests", "2", "--max-seq-len", "1024")
+    stub = server.stub()
+
+    def long_request():
+        return stub.Generate.future(build_request(prompt_token_ids=[5] * 8, max_new_tokens=1000, ignore_eos=True), timeout=120)
+
+    def wait_until(name, value):
         deadline = time.monotonic() + 30
-        while server.metric("attnserve_requests_waiting") < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        started = time.perf_counter()
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Generate(build_request(prompt_token_ids=[5, 6], max_new_tokens=4), timeout=10)
-        elapsed = time.perf_counter() - started
-        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max-queued-requests" in info.value.details()
-        assert elapsed < 0.050, f"rejection took {elapsed * 1000:.1f} ms"
-        for f in futures:
-            assert len(f.result().token_ids) == 400
-        ids, _ = generate_ids(stub, [5, 6], 4)
-        assert len(ids) == 4
-    finally:
-        server.stop()
+        while server.metric(name) < value:
+            assert time.monotonic() < deadline, f"{name} never reached {value}"
+            time.sleep(0.01)
+
+    running = long_request()
+    wait_until("attnserve_requests_running", 1)
+    queued = [long_request(), long_request()]
+    wait_until("attnserve_requests_waiting", 2)
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(build_request(prompt_token_ids=[5, 6], max_new_tokens=4), timeout=10)
+    elapsed = time.perf_counter() - started
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max-queued-requests 2" in info.value.details()
+    assert elapsed < 0.050, f"rejection took {elapsed * 1000:.1f} ms"
+    for future in [running, *queued]:
+        assert len(future.result().token_ids) == 1000
+    ids, _ = generate_ids(stub, [5, 6], 4)  # recovered: the queue is empty again
+    assert len(ids) == 4
+    assert server.metric("attnserve_requests_rejected_total", 'reason="queue_full"') == 1
