@@ -85,16 +85,6 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def test_model_dir(tmp_path_factory, test_checkpoint) -> Path:
-    """The `test` checkpoint exported to a model dir (verified at export), once per session."""
-    from export.model_dir import build_model_dir
-
-    out = tmp_path_factory.mktemp("test-model-dir") / "test"
-    build_model_dir(test_checkpoint, out, log=lambda *_: None)
-    return out
-
-
-@pytest.fixture(scope="session")
 def test_server(test_model_dir):
     server = ServerProcess(test_model_dir, "--kv-slots", "8", "--max-seq-len", "1024",
                            "--prefill-chunk-tokens", "64", "--max-queued-requests", "256")

@@ -1,0 +1,63 @@
+"""Fixtures shared by the whole suite."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# A few hundred KB of the standard library: enough text for the `test` preset's 512-token
+# BPE and a loss that visibly falls, little enough to tokenize and train in seconds.
+TINY_CORPUS_MB = 0.3
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    """Tokenized corpora, shared by every test in the session so each is tokenized once."""
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_mb() -> float:
+    return TINY_CORPUS_MB
+
+
+@pytest.fixture(scope="session")
+def train_tiny(token_cache):
+    """train_tiny(out_dir, preset="test", steps=60, **overrides) -> model.train.TrainResult, in a few seconds."""
+    from model.train import train
+
+    def train_tiny(out_dir: Path, preset: str = "test", steps: int = 60, **overrides):
+        settings = dict(max_corpus_mb=TINY_CORPUS_MB, cache_dir=token_cache, progress_bar=False) | overrides
+        return train(out_dir, preset, steps=steps, **settings)
+
+    return train_tiny
+
+
+@pytest.fixture(scope="session")
+def test_checkpoint(tmp_path_factory, train_tiny) -> Path:
+    """A checkpoint dir of the `test` preset (seed-style model), trained once per session.
+
+    Holds model.safetensors, config.json and tokenizer.json as model.load_checkpoint
+    and the exporter expect. Treat it as read-only: other tests share it.
+    """
+    out_dir = tmp_path_factory.mktemp("test-checkpoint") / "test"
+    train_tiny(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def test_llama_checkpoint(tmp_path_factory, train_tiny) -> Path:
+    """The same for the `test-llama` preset (RoPE, RMSNorm, SwiGLU, grouped-query heads)."""
+    out_dir = tmp_path_factory.mktemp("test-llama-checkpoint") / "test-llama"
+    train_tiny(out_dir, preset="test-llama")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def test_model_dir(tmp_path_factory, test_checkpoint) -> Path:
+    """The `test` checkpoint exported to a model dir (verified at export), once per session."""
+    from export.model_dir import build_model_dir
+
+    out = tmp_path_factory.mktemp("test-model-dir") / "test"
+    build_model_dir(test_checkpoint, out, log=lambda *_: None)
+    return out
