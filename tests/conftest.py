@@ -61,3 +61,17 @@ def test_model_dir(tmp_path_factory, test_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("test-model-dir") / "test"
     build_model_dir(test_checkpoint, out, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported from its GGUF and exported, through the CLI a newcomer uses."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    result = subprocess.run([sys.executable, "-m", "export", "--preset", "smollm2-135m-instruct", "--out", str(out)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(result.stdout)
+    return out
