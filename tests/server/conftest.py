@@ -104,3 +104,9 @@ def server_process():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_class():
+    """The ServerProcess class itself, for fixtures with their own scope."""
+    return ServerProcess
