@@ -30,6 +30,7 @@ from proto.attnserve.v1 import generation_pb2 as pb
 from server import metrics
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
+from server.kv_buffers import CacheShape
 from server.prompts import PromptCodec, load_tokenizer
 from server.runner import ModelRunner
 from server.service import SERVICE_NAME, GenerationService
@@ -59,6 +60,28 @@ def load_card(model_dir: Path) -> ModelCard:
         return ModelCard.load(model_dir)
     except (ValueError, TypeError) as e:
         raise StartupError(f"{model_dir}/{contract.CARD_FILE} is unreadable: {e}") from None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_kv_memory(shape: CacheShape, device: str) -> None:
+    """Refuse at once a KV cache that cannot fit, rather than dying later in the allocator or the OOM killer."""
+    available = available_memory_bytes() if device != "cuda" else None
+    if available is not None and shape.total_bytes > 0.9 * available:
+        raise StartupError(
+            f"--kv-slots {shape.slots} x --max-seq-len {shape.capacity} needs {shape.total_bytes / 2**30:.1f} GiB of KV "
+            f"cache ({shape.bytes_per_token // 1024} KiB per token) but only {available / 2**30:.1f} GiB of memory is "
+            "available; lower --kv-slots or --max-seq-len"
+        )
 
 
 @dataclass
@@ -93,6 +116,8 @@ class Server:
 async def start_server(config: ServerConfig) -> Server:
     card = load_card(config.model)
     capacity = min(config.max_seq_len, card.max_positions)
+    check_kv_memory(CacheShape(card.n_layers, config.kv_slots, card.n_kv_heads, capacity, card.head_dim, card.dtype),
+                    config.device)
     try:
         runner = ModelRunner(config.model, card, config.kv_slots, capacity, config.device, config.intra_op_threads)
     except Exception as e:
