@@ -96,9 +96,11 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=192, max_positions=1024, positional="rope", norm="rmsnorm", norm_eps=1e-5,
         mlp="swiglu", bias=False, train_seq_len=128,
     ),
-    # The default from-scratch model: trains on 2 CPU cores in under 15 minutes.
+    # The default from-scratch model: trains on 2 CPU cores in under 15 minutes. Sized for
+    # throughput (measured, bf16 autocast: about 6,000 tokens/s against 2,900 for d384 x 6 layers),
+    # since 13 minutes of training sees only a few million tokens.
     "small": ModelConfig(
-        name="small", vocab_size=8192, d_model=384, n_layers=6, n_heads=6, d_ff=1536,
+        name="small", vocab_size=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024,
         max_positions=2048, train_seq_len=256,
     ),
     # HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture).

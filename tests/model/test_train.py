@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
 from pathlib import Path
-
-import math
 
 import numpy as np
 import pytest
