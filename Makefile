@@ -9,7 +9,7 @@ SMALL_DIR ?= models/small
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.setup-$(ORT_EXTRA)
 
-.PHONY: setup proto serve test test-fast model model-small clean
+.PHONY: setup proto serve test test-fast soak deploy-tools model model-small bench bench-quick clean
 
 setup: $(STAMP) proto
 
@@ -46,14 +46,41 @@ $(SMALL_DIR)/model.onnx: | $(STAMP)
 
 model-small: $(SMALL_DIR)/model.onnx
 
+# Benchmarks (bench/README.md): every system on the same model dir in one run; results in bench/results/.
+bench: setup model model-small
+	$(PY) -m bench --model $(SMALL_DIR) --checkpoint checkpoints/small --name small
+	$(PY) -m bench --model $(MODEL_DIR) --name smollm2-135m-instruct
+
+# A smoke check in under 3 minutes: a random-weight `test` model, concurrency 1 and 4, short lengths.
+BENCH_QUICK_DIR := models/bench-quick
+$(BENCH_QUICK_DIR)/model.onnx: | $(STAMP)
+	$(PY) -m bench.quick_model --checkpoint checkpoints/bench-quick --out $(BENCH_QUICK_DIR)
+
+bench-quick: setup $(BENCH_QUICK_DIR)/model.onnx
+	$(PY) -m bench --model $(BENCH_QUICK_DIR) --checkpoint checkpoints/bench-quick --quick --name quick
+
 serve: setup model
 	$(PY) -m server --model $(MODEL_DIR)
 
-test: setup
+# The deploy tests run Prometheus and promtool for real: Debian's `prometheus`, installed once.
+# hadolint and kubernetes-validate come with the dev extra; kubectl (its built-in kustomize
+# renders deploy/k8s) with the machine.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deploy-tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: setup deploy-tools
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: setup deploy-tools
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The reliability suite at length (docs/reliability.md records its figures): five minutes of load near
+# capacity with cancellations and tight deadlines, and 2,400 fuzzed requests.
+soak: setup
+	ATTNSERVE_SOAK_SECONDS=300 ATTNSERVE_FUZZ_EXAMPLES=1200 $(PY) -m pytest -q tests/reliability
 
 clean:
 	rm -rf $(VENV) models checkpoints proto/attnserve/v1/*_pb2*.py*

@@ -4,6 +4,9 @@
     python -m export --from-gguf FILE.gguf --out MODEL_DIR
     python -m export --from-hf HF_DIR --out MODEL_DIR
     python -m export --preset smollm2-135m-instruct --out MODEL_DIR
+
+--dtype fp16 writes weights and KV cache in float16 (logits stay float32) and
+verifies against the fp32 PyTorch model under its own bounds.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from export.errors import ExportError
 
 # Presets that are imported from a published checkpoint rather than trained here.
 IMPORTED_PRESETS = ("smollm2-135m-instruct",)
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,6 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--from-hf", type=Path, metavar="DIR", help="a Hugging Face folder (config.json + safetensors)")
     source.add_argument("--preset", help=f"an imported preset: {', '.join(IMPORTED_PRESETS)}")
     parser.add_argument("--out", type=Path, required=True, help="model dir to write (replaced if it exists)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
+                        help="weights and KV cache: fp32 (default) or fp16; logits are float32 either way")
+    parser.add_argument("--verify-device", choices=("cpu", "cuda"), default="cpu",
+                        help="execution provider of the verification pass (cuda needs onnxruntime-gpu)")
     return parser.parse_args(argv)
 
 
@@ -36,8 +44,11 @@ def run(args: argparse.Namespace) -> None:
     from export.model_dir import build_model_dir
     from model.config import PRESETS
 
+    def build(checkpoint: Path) -> None:
+        build_model_dir(checkpoint, args.out, dtype=DTYPE_NAMES[args.dtype], verify_device=args.verify_device)
+
     if args.checkpoint:
-        build_model_dir(args.checkpoint, args.out)
+        build(args.checkpoint)
         return
     if args.preset and args.preset not in IMPORTED_PRESETS:
         if args.preset in PRESETS:
@@ -54,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
             gguf_file = args.from_gguf or importers.find_smollm2_gguf()
             print(f"importing {gguf_file} ...")
             importers.import_gguf(gguf_file, checkpoint, name=args.preset)
-        build_model_dir(checkpoint, args.out)
+        build(checkpoint)
 
 
 def main(argv=None) -> int:

@@ -109,8 +109,13 @@ GGUF_PER_LAYER = {
 _REQUIRED = object()
 
 
-def import_gguf(gguf_path: Path, out_dir: Path, *, name: Optional[str] = None) -> Path:
-    """GGUF file -> checkpoint dir at out_dir (returned). `name` overrides the model name taken from the file."""
+def import_gguf(gguf_path: Path, out_dir: Path, *, name: Optional[str] = None,
+                tokenizer_json: Optional[str] = None) -> Path:
+    """GGUF file -> checkpoint dir at out_dir (returned). `name` overrides the model name taken from the file.
+
+    tokenizer_json: the GGUF's vocabulary already converted (a tokenizer.json from an
+    earlier import of the same file), for machines without transformers.
+    """
     gguf_path = Path(gguf_path)
     reader = open_gguf(gguf_path)
     source = gguf_path.name
@@ -149,7 +154,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, *, name: Optional[str] = None) -
         "dequantized_to": "float32",
     }
     return save_checkpoint(
-        out_dir, model, gguf_tokenizer_json(gguf_path), special_tokens,
+        out_dir, model, tokenizer_json or gguf_tokenizer_json(gguf_path), special_tokens,
         chat_template=meta("tokenizer.chat_template", None), extra={"source": source_info},
     )
 

@@ -26,11 +26,20 @@ from export.onnx_export import export_onnx
 from export.verify import verify
 from model.checkpoint import TOKENIZER, read_checkpoint_meta, load_checkpoint, replace_dir
 from model.config import ModelConfig
+from server.runner import RunnerError
 
 EXPORTER_VERSION = "attnserve-export 0.1.0"
+DTYPES = ("float32", "float16")
 # fp32 bounds on max |logit difference| against PyTorch: the seed-style model is
 # small and exact to ~1e-6; imported models are deeper and larger-valued.
 BOUNDS = {"transformer": 1e-4, "llama": 1e-3}
+# fp16 graphs against the same fp32 PyTorch module. Chosen from the fp16 error
+# measured on random prompts (docs/benchmarks.md, "fp16 verification bounds";
+# `python -m export.fp16_error`): worst seen 4.3e-3 (`small`) and 0.19
+# (SmolLM2), so about 2.5 to 5 times that. A sound export does not fail on an
+# unlucky prompt; a real defect (a position off by one, a dropped cast) moves
+# logits by whole units and still does.
+FP16_BOUNDS = {"transformer": 2e-2, "llama": 5e-1}
 
 
 def architecture(config: ModelConfig) -> str:
@@ -50,7 +59,18 @@ def check_tokenizer(tokenizer_json: str, config: ModelConfig) -> None:
         )
 
 
-def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print) -> ModelCard:
+def verification_bound(architecture_name: str, dtype: str) -> float:
+    return (BOUNDS if dtype == "float32" else FP16_BOUNDS)[architecture_name]
+
+
+def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str = "float32",
+                    verify_device: str = "cpu") -> ModelCard:
+    """Export, verify against PyTorch (on verify_device's execution provider), then move into place."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if verify_device != "cpu" and dtype == "float32":
+        raise ExportError(f"an fp32 model dir is served on the CPU only (onnxruntime has no fp32 GroupQueryAttention "
+                          f"for {verify_device}): verify it on cpu, or export with --dtype fp16")
     meta = read_checkpoint_meta(checkpoint_dir)
     tokenizer_json = (Path(checkpoint_dir) / TOKENIZER).read_text()
     check_tokenizer(tokenizer_json, meta["model"])
@@ -61,17 +81,20 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print) -> ModelCard
     tmp.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
     try:
         started = time.perf_counter()
-        log(f"exporting {config.name} ({model.num_parameters() / 1e6:.1f}M parameters) to ONNX ...")
-        export_onnx(model, tmp / contract.MODEL_FILE)
+        log(f"exporting {config.name} ({model.num_parameters() / 1e6:.1f}M parameters) to ONNX in {dtype} ...")
+        export_onnx(model, tmp / contract.MODEL_FILE, dtype)
         gqa_nodes = count_ops(tmp / contract.MODEL_FILE).get("GroupQueryAttention", 0)
         if gqa_nodes != config.n_layers:
             raise ExportError(f"the graph has {gqa_nodes} GroupQueryAttention nodes, expected one per layer ({config.n_layers})")
         (tmp / contract.TOKENIZER_FILE).write_text(tokenizer_json)
-        card = make_card(config, meta, verification={})
+        card = make_card(config, meta, verification={}, dtype=dtype)
         (tmp / contract.CARD_FILE).write_text(card.to_json())
-        log(f"exported in {time.perf_counter() - started:.1f} s; verifying against PyTorch ...")
-        figures = verify(model, tmp, card, bound=BOUNDS[card.architecture])
-        card = make_card(config, meta, verification=figures)
+        log(f"exported in {time.perf_counter() - started:.1f} s; verifying against PyTorch (fp32) ...")
+        try:
+            figures = verify(model, tmp, card, bound=verification_bound(card.architecture, dtype), device=verify_device)
+        except RunnerError as e:  # onnxruntime cannot run the graph there: the device, not the export, is at fault
+            raise ExportError(f"cannot verify on {verify_device}: {e}") from None
+        card = make_card(config, meta, verification=figures, dtype=dtype)
         (tmp / contract.CARD_FILE).write_text(card.to_json())
         write_genai_files(tmp, card)
         log(format_figures(figures))
@@ -82,11 +105,11 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print) -> ModelCard
     return card
 
 
-def make_card(config: ModelConfig, meta: dict, verification: dict) -> ModelCard:
+def make_card(config: ModelConfig, meta: dict, verification: dict, dtype: str = "float32") -> ModelCard:
     return ModelCard(
         name=config.name,
         architecture=architecture(config),
-        dtype="float32",
+        dtype=dtype,
         vocab_size=config.vocab_size,
         n_layers=config.n_layers,
         n_heads=config.n_heads,
@@ -119,8 +142,16 @@ def count_ops(path: Path) -> dict[str, int]:
 
 
 def format_figures(figures: dict) -> str:
-    return (
-        "verification (onnxruntime vs PyTorch, max |logit diff|, bound {bound:g}): "
+    diffs = (
+        "verification (onnxruntime {dtype} vs PyTorch fp32, max |logit diff|, bound {bound:g}): "
         "prompt {prompt_max_abs_diff:.2e}, decode {decode_max_abs_diff:.2e}, ragged {ragged_max_abs_diff:.2e}; "
-        "greedy {greedy_tokens} tokens through the cache == full recomputation: {greedy_cache_equals_recompute}"
     ).format(**figures)
+    if figures["dtype"] == "float32":
+        return diffs + ("greedy {greedy_tokens} tokens through the cache == full recomputation: "
+                        "{greedy_cache_equals_recompute}").format(**figures)
+    divergence = figures["greedy_first_divergence"]
+    return diffs + (
+        "teacher-forced {greedy_tokens} tokens: max |logit diff| {teacher_forced_max_abs_diff:.2e}, "
+        "top-1 agreement with fp32 {teacher_forced_top1_agreement:.1%}; "
+    ).format(**figures) + (f"greedy tokens equal fp32's up to token {divergence}" if divergence is not None
+                           else f"greedy {figures['greedy_tokens']} tokens == fp32's")

@@ -4,6 +4,10 @@ torch.export traces ServingGraph; the custom attention op becomes one
 com.microsoft.GroupQueryAttention node per layer (export/gqa_translation.py).
 Batch, chunk length and cache capacity stay dynamic, so the server picks its
 slot count and capacity at start-up.
+
+dtype "float16" traces a half-precision copy of the model (export/serving.py:
+half_precision): weights, activations, the KV cache and GroupQueryAttention in
+fp16, RMSNorm statistics in fp32, logits cast to float32 inside the graph.
 """
 from __future__ import annotations
 
@@ -14,11 +18,14 @@ from pathlib import Path
 import torch
 
 from export import contract, gqa_translation
-from export.serving import ServingGraph
+from export.serving import ServingGraph, half_precision
 from model.transformer import Transformer
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
-def example_inputs(model: Transformer, batch: int = 2, chunk: int = 5, capacity: int = 32):
+
+def example_inputs(model: Transformer, batch: int = 2, chunk: int = 5, capacity: int = 32,
+                   dtype: torch.dtype = torch.float32):
     """Inputs of the traced call; the values only need to be valid, every size is dynamic."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
@@ -26,21 +33,24 @@ def example_inputs(model: Transformer, batch: int = 2, chunk: int = 5, capacity:
     position_ids = torch.arange(chunk).expand(batch, chunk).contiguous()
     query_seqlens = torch.full((batch,), chunk, dtype=torch.int32)
     past_shape = (batch, config.n_kv_heads, capacity, config.head_dim)
-    past = tuple(torch.zeros(past_shape) for _ in range(2 * config.n_layers))
+    past = tuple(torch.zeros(past_shape, dtype=dtype) for _ in range(2 * config.n_layers))
     return (input_ids, position_ids, query_seqlens - 1, torch.tensor(capacity, dtype=torch.int32), query_seqlens, *past)
 
 
-def export_onnx(model: Transformer, path: Path) -> Path:
-    """Write model.onnx (+ model.onnx.data with the weights) to path."""
+def export_onnx(model: Transformer, path: Path, dtype: str = "float32") -> Path:
+    """Write model.onnx (+ model.onnx.data with the weights) to path; dtype is "float32" or "float16"."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config = model.config
+    graph = ServingGraph(half_precision(model) if dtype == "float16" else model).eval()
     batch, chunk, capacity = torch.export.Dim("batch"), torch.export.Dim("chunk"), torch.export.Dim("capacity")
     cache_dims = tuple({0: batch, 2: capacity} for _ in range(2 * config.n_layers))
     dynamic_shapes = ({0: batch, 1: chunk}, {0: batch, 1: chunk}, {0: batch}, None, {0: batch}, cache_dims)
     with warnings.catch_warnings(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            ServingGraph(model).eval(),
-            example_inputs(model),
+            graph,
+            example_inputs(model, dtype=DTYPES[dtype]),
             str(path),
             dynamo=True,
             input_names=contract.input_names(config.n_layers),

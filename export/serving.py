@@ -1,6 +1,6 @@
 """The serving graph as a PyTorch module, and its attention as one custom op.
 
-    input_ids, position_ids ──► embed ──► block 0 ... block N-1 ──► gather last valid token ──► head ──► logits
+    input_ids, position_ids ──► embed ──► block 0 ... block N-1 ──► gather last valid token ──► head ──► logits (float32)
                                              │
                           attnserve::group_query_attention(q, k, v, past_k, past_v, seqlens_k, ...)
                                              │  (the exporter maps it to com.microsoft.GroupQueryAttention)
@@ -10,16 +10,20 @@ The model definition stays the single source of truth: ServingGraph only
 hands model.hidden_states() an `attend` function that routes each layer's
 attention through the custom op. The op's eager body is model.kv_cache's
 cached_attention, the PyTorch reference of the cache semantics.
+
+The logits leave the graph as float32 whatever the model's dtype, so the
+server samples the same way from an fp16 graph as from an fp32 one.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from model.kv_cache import cached_attention, gather_last
-from model.transformer import Transformer
+from model.transformer import RMSNorm, Transformer
 
 
 @torch.library.custom_op("attnserve::group_query_attention", mutates_args=())
@@ -80,4 +84,33 @@ class ServingGraph(torch.nn.Module):
 
         hidden = self.model.hidden_states(input_ids, position_ids, attend=attend)  # (B, S, D)
         logits = self.model.head(gather_last(hidden, query_seqlens))  # (B, V): only the rows' last tokens
-        return (logits, *presents)
+        return (logits.float(), *presents)
+
+
+class Float32StatsRMSNorm(torch.nn.Module):
+    """RMSNorm of an fp16 tensor with its mean of squares in fp32, as Hugging Face's LlamaRMSNorm does.
+
+    In fp16, x² overflows above |x| = 256, and residual streams of pretrained
+    models carry larger values. The weight stays fp16 and multiplies the fp16
+    result, so onnxruntime's fusion still sees its SimplifiedLayerNormalization
+    pattern. (LayerNorm needs no wrapper: ONNX LayerNormalization keeps its
+    statistics in fp32 by default, stash_type = 1.)
+    """
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def half_precision(model: Transformer) -> Transformer:
+    """An fp16 copy of model for export (weights, buffers, activations; RMSNorm statistics in fp32)."""
+    half = copy.deepcopy(model).half().eval()
+    for parent in list(half.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RMSNorm):
+                setattr(parent, name, Float32StatsRMSNorm(child))
+    return half

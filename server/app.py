@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -30,17 +31,35 @@ from proto.attnserve.v1 import generation_pb2 as pb
 from server import metrics
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
+from server.faults import FaultInjectingRunner, parse_fault_spec
 from server.kv_buffers import CacheShape
 from server.prompts import PromptCodec, load_tokenizer
-from server.runner import ModelRunner
+from server.runner import ModelRunner, StepInputs
 from server.service import SERVICE_NAME, GenerationService
 from server.validation import Limits
 
 log = logging.getLogger("attnserve")
+BROKEN_NOT_SERVING_SECONDS = 1.0
 
 
 class StartupError(Exception):
     """The server cannot start; the message is the one line it prints before exiting non-zero."""
+
+
+class ClientLeftMidSendFilter(logging.Filter):
+    """grpc logs a client that leaves while a streamed message waits for HTTP/2 flow control (a slow
+    reader that gives up) as an ERROR with a traceback, "ExecuteBatchError raised in core by servicer
+    method". With slow clients that is routine and the request is cancelled as usual: keep one INFO line."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            record.msg = f"a client left while a streamed message waited to be sent: {message[len(self.PREFIX):]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def package_version() -> str:
@@ -84,6 +103,27 @@ def check_kv_memory(shape: CacheShape, device: str) -> None:
         )
 
 
+def check_model_runs(runner: ModelRunner, card: ModelCard, model_dir: Path) -> None:
+    """Run the graph once, one token into slot 0, so a graph that disagrees with its model card fails at
+    startup rather than on the first request. Harmless: a request reads only the cache positions it wrote."""
+    try:
+        logits = runner.step(StepInputs(
+            input_ids=np.ones((1, 1), dtype=np.int64), position_ids=np.zeros((1, 1), dtype=np.int64),
+            seqlens_k=np.zeros(1, dtype=np.int32), query_seqlens=np.ones(1, dtype=np.int32),
+        ))
+    except Exception as e:
+        raise StartupError(
+            f"{model_dir}/{contract.MODEL_FILE} does not run with the KV cache its model card describes "
+            f"({card.n_layers} layers x {card.n_kv_heads} KV heads x head dim {card.head_dim}, {card.dtype}): "
+            f"{' '.join(str(e).split())[:300] or type(e).__name__}; re-export the model dir"
+        ) from None
+    if logits.shape != (1, card.vocab_size):
+        raise StartupError(
+            f"{model_dir}/{contract.MODEL_FILE} returns logits of shape {list(logits.shape)} for one token, but its "
+            f"model card says vocab_size {card.vocab_size}; re-export the model dir"
+        )
+
+
 @dataclass
 class Server:
     """A started server; tests drive it through these handles."""
@@ -122,17 +162,28 @@ async def start_server(config: ServerConfig) -> Server:
         runner = ModelRunner(config.model, card, config.kv_slots, capacity, config.device, config.intra_op_threads)
     except Exception as e:
         raise StartupError(str(e)) from None
-    tokenizer = load_tokenizer(config.model)
-    codec = PromptCodec(tokenizer, card)
-    observer = metrics.Metrics(card, runner.provider, package_version(), config.kv_slots, capacity)
+    check_model_runs(runner, card, config.model)
+    if config.fault_injection:
+        log.warning("--fault-injection %s: model runs will fail on purpose (reliability tests only)",
+                    config.fault_injection)
+        runner = FaultInjectingRunner(runner, parse_fault_spec(config.fault_injection))
+    try:
+        tokenizer = load_tokenizer(config.model)
+        codec = PromptCodec(tokenizer, card)
+    except Exception as e:  # the tokenizers library and jinja raise their own types
+        raise StartupError(f"cannot load the tokenizer or chat template of {config.model}: {e}") from None
+    observer = metrics.Metrics(card, runner.provider, package_version(), config.kv_slots, capacity,
+                               max_queued_requests=config.max_queued_requests)
+    observer.init_grpc_service(pb.DESCRIPTOR.services_by_name["Generation"])
     engine = Engine(runner, tokenizer, card, EngineConfig(
         kv_slots=config.kv_slots, max_seq_len=capacity, prefill_chunk_tokens=config.prefill_chunk_tokens,
-        max_queued_requests=config.max_queued_requests,
+        max_queued_requests=config.max_queued_requests, stream_buffer_tokens=config.stream_buffer_tokens,
     ), observer=observer)
     limits = Limits(
         context=capacity, vocab_size=card.vocab_size, default_max_new_tokens=config.default_max_new_tokens,
         max_new_tokens_limit=config.max_new_tokens_limit, max_stop_strings=config.max_stop_strings,
         max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
+        max_prompt_chars=codec.max_prompt_chars(capacity),
     )
     model_info = pb.ModelInfo(
         name=card.name, architecture=card.architecture, dtype=card.dtype, execution_provider=runner.provider,
@@ -142,13 +193,16 @@ async def start_server(config: ServerConfig) -> Server:
         max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
         version=package_version(),
     )
-    service = GenerationService(engine, codec, limits, model_info)
+    service = GenerationService(engine, codec, limits, model_info, config.stream_stall_timeout_seconds)
 
     grpc_server = grpc.aio.server(
         interceptors=[observer.grpc_interceptor()],
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            # Clients balancing over a headless Service's DNS records re-resolve when a connection
+            # ends: closing each one after 5 minutes (calls in flight finish) lets them find new pods.
+            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
         ],
     )
     grpc_server.add_generic_rpc_handlers((service.handler(),))
@@ -162,7 +216,11 @@ async def start_server(config: ServerConfig) -> Server:
         port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError as e:
         raise StartupError(f"cannot listen on {config.host}:{config.port} ({e}); is the port in use?") from None
-    metrics_port = observer.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else -1
+    try:
+        metrics_port = observer.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else -1
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {config.host}:{config.metrics_port} ({e.strerror or e}); "
+                           "is the port in use?") from None
     engine.start()
     await grpc_server.start()
     server = Server(grpc_server, port, metrics_port, engine, health, config)
@@ -172,6 +230,7 @@ async def start_server(config: ServerConfig) -> Server:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0 after draining) or until the engine breaks (exit 1)."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(ClientLeftMidSendFilter())
     server = await start_server(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -190,6 +249,9 @@ async def serve(config: ServerConfig) -> int:
     if broken.is_set():
         log.error("engine broken (%s); exiting so the orchestrator restarts the server", server.engine.broken)
         await server.set_serving(False)
+        # For a moment health answers NOT_SERVING (and Generate UNAVAILABLE, which clients retry), so
+        # probes and load balancers learn why before the process is gone; stop() refuses new RPCs at once.
+        await asyncio.sleep(BROKEN_NOT_SERVING_SECONDS)
         await server.grpc_server.stop(grace=1.0)
         return 1
     log.info("shutting down: draining accepted requests (grace %.0f s)", config.drain_grace_seconds)

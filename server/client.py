@@ -8,8 +8,12 @@ In your own code:
         for chunk in client.stream(messages=[("user", "Hi!")]):
             print(chunk.text, end="", flush=True)
 
-UNAVAILABLE (a restarting or draining server) is retried with exponential
-backoff by gRPC itself, through the service config below; deadlines are honoured.
+UNAVAILABLE (a draining server, a replica restarting behind a load balancer)
+is retried by gRPC itself with exponential backoff, through the service config
+below: 5 attempts, at most 1.5 s of backoff between them in all. A server not up
+yet fails a call at once unless the client waits for it (`wait_for_ready=True`,
+`--wait-for-ready`), and then only until the call's deadline. Every call
+carries its deadline (`timeout`), retries and waiting included.
 """
 from __future__ import annotations
 
@@ -64,23 +68,28 @@ def build_request(prompt: Optional[str] = None, messages: Optional[Sequence[tupl
 
 class AttnserveClient:
     def __init__(self, target: str = "localhost:50051", timeout: Optional[float] = None,
-                 options: Sequence[tuple] = ()):
+                 options: Sequence[tuple] = (), wait_for_ready: bool = False):
         self.timeout = timeout  # seconds per call; None = no deadline
+        self.wait_for_ready = wait_for_ready  # wait (until the deadline) for a server that is not up, not fail
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG), *options,
         ])
         self.stub = pb_grpc.GenerationStub(self.channel)
 
+    def _call_options(self, kwargs: dict) -> dict:
+        return {"timeout": kwargs.pop("timeout", self.timeout),
+                "wait_for_ready": kwargs.pop("wait_for_ready", self.wait_for_ready)}
+
     def generate(self, prompt: Optional[str] = None, **kwargs) -> pb.GenerateResponse:
-        timeout = kwargs.pop("timeout", self.timeout)
-        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        options = self._call_options(kwargs)
+        return self.stub.Generate(build_request(prompt, **kwargs), **options)
 
     def stream(self, prompt: Optional[str] = None, **kwargs) -> Iterator[pb.GenerateStreamResponse]:
-        timeout = kwargs.pop("timeout", self.timeout)
-        return self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout)
+        options = self._call_options(kwargs)
+        return self.stub.GenerateStream(build_request(prompt, **kwargs), **options)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=self.wait_for_ready)
 
     def close(self) -> None:
         self.channel.close()
@@ -106,13 +115,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds [120]")
+    parser.add_argument("--wait-for-ready", action="store_true",
+                        help="wait for a server that is not up yet (until the deadline) instead of failing at once")
     args = parser.parse_args(argv)
 
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
     try:
-        with AttnserveClient(args.target, timeout=args.timeout) as client:
+        with AttnserveClient(args.target, timeout=args.timeout, wait_for_ready=args.wait_for_ready) as client:
             last = None
             for last in client.stream(
                 None if args.chat else args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,

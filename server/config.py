@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from server.faults import parse_fault_spec
+
 ENV_PREFIX = "ATTNSERVE_"
 
 
@@ -39,6 +41,12 @@ class ServerConfig:
     intra_op_threads: int = _option(0, "onnxruntime intra-op threads; 0 = one per core")
     device: str = _option("auto", "cpu, cuda, or auto (cuda when onnxruntime-gpu sees a GPU)", choices=("cpu", "cuda", "auto"))
     drain_grace_seconds: float = _option(30.0, "on SIGTERM, how long accepted requests may take to finish")
+    stream_buffer_tokens: int = _option(
+        64, "tokens a request may generate ahead of its client; then it pauses, keeping its KV slot, until the client reads")
+    stream_stall_timeout_seconds: float = _option(
+        30.0, "a request whose client has taken none of its output for this long is cancelled and its KV slot freed")
+    fault_injection: str = _option(
+        "", "for reliability tests only: 'run:N' makes the Nth model run raise, 'run:N+' every run from the Nth on")
     log_level: str = _option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self):
@@ -46,7 +54,7 @@ class ServerConfig:
         if self.model is None:
             problems.append("--model is required (or ATTNSERVE_MODEL)")
         for name in ("kv_slots", "max_seq_len", "prefill_chunk_tokens", "max_queued_requests",
-                     "default_max_new_tokens", "max_new_tokens_limit", "max_request_bytes"):
+                     "default_max_new_tokens", "max_new_tokens_limit", "max_request_bytes", "stream_buffer_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -55,6 +63,13 @@ class ServerConfig:
             problems.append(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             problems.append("--default-max-new-tokens must not exceed --max-new-tokens-limit")
+        if not self.stream_stall_timeout_seconds > 0:
+            problems.append(f"--stream-stall-timeout-seconds must be > 0, got {self.stream_stall_timeout_seconds}")
+        if self.fault_injection:
+            try:
+                parse_fault_spec(self.fault_injection)
+            except ValueError as e:
+                problems.append(f"--fault-injection: {e}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -86,4 +101,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] =
 
 
 def _type_of(f: dataclasses.Field):
-    return {"model": Path, "host": str, "device": str, "log_level": str}.get(f.name) or type(f.default)
+    return {"model": Path, "host": str, "device": str, "log_level": str, "fault_injection": str}.get(f.name) or type(f.default)

@@ -26,10 +26,15 @@ def prompt_ids(message, codec: PromptCodec, limits: Limits) -> list[int]:
     if kind == "prompt":
         if not message.prompt:
             raise InvalidRequestError("prompt", "is empty; send some text")
-        return validation.prompt_token_ids(codec.encode_prompt(message.prompt), limits, "prompt")
+        prompt = validation.prompt_text(message.prompt, limits, "prompt")
+        return validation.prompt_token_ids(codec.encode_prompt(prompt), limits, "prompt")
     if kind == "messages":
+        if len(message.messages.messages) > limits.context:  # a chat template frames each message in tokens
+            raise InvalidRequestError("messages", f"{len(message.messages.messages)} messages cannot fit in the "
+                                                  f"context of {limits.context} tokens")
         chat = [(m.role, m.content) for m in message.messages.messages]
-        return validation.prompt_token_ids(codec.encode_chat(chat), limits, "messages")
+        validation.prompt_text("".join(content for _, content in chat), limits, "messages")
+        return validation.prompt_token_ids(codec.encode_chat(chat, limits.max_prompt_chars), limits, "messages")
     if kind == "prompt_token_ids":
         return validation.prompt_token_ids(list(message.prompt_token_ids.ids), limits, "prompt_token_ids")
     raise InvalidRequestError("prompt", "is missing; set one of prompt, messages or prompt_token_ids")
@@ -47,7 +52,7 @@ def request_from_proto(message: pb.GenerateRequest, codec: PromptCodec, limits: 
         seed=sampling.seed if sampling.HasField("seed") else None,
     )
     return GenerationRequest(
-        request_id=message.request_id or uuid.uuid4().hex,
+        request_id=validation.request_id(message.request_id, limits) or uuid.uuid4().hex,
         prompt_token_ids=ids,
         max_new_tokens=validation.max_new_tokens(message.max_new_tokens, len(ids), limits),
         sampling=params,

@@ -1,7 +1,8 @@
 """The engine: one thread owns every piece of mutable serving state.
 
-    gRPC handlers ──submit/cancel──► inbox ──► engine thread:  schedule ─► execute ─► update
-                  ◄──on_update(GenerationUpdate) (called from the engine thread)
+    gRPC handlers ──submit/cancel/wake──► inbox ──► engine thread:  schedule ─► execute ─► update
+                  ◄──on_update(GenerationUpdate) (called from the engine thread, must not block)
+                  ──backlog()──► tokens streamed but not yet taken by the client (read by the engine)
 
 The engine thread alone touches the scheduler, the KV slots, the runner and
 the per-request samplers and detokenizers; other threads only put commands in
@@ -10,6 +11,14 @@ the plan's onnxruntime calls, and the results update each request (sample,
 detokenize, check stop conditions, stream the new text). Finished, cancelled
 and expired requests give their slot back before the next plan is made.
 The engine imports no metrics code: an observer receives what it reports.
+
+The engine never waits for a client. A request whose client lags
+`stream_buffer_tokens` behind is paused (it keeps its slot, computes nothing)
+until the client catches up and the service wakes the engine; the service
+cancels it if the client takes nothing for its stall timeout. Nothing a
+request or an observer does can end the engine thread: a failing step fails
+the requests in it, and only a fault that repeats, or a bug outside any step,
+breaks the engine, which then reports itself through `on_fatal`.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from server.types import FinishReason, GenerationRequest, GenerationUpdate
 log = logging.getLogger("attnserve.engine")
 
 UpdateCallback = Callable[[GenerationUpdate], None]
+BacklogProbe = Callable[[], int]
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class EngineConfig:
     max_queued_requests: int  # requests waiting for a slot before new ones are refused
     call_overhead_tokens: int = 32  # cost of one extra onnxruntime call, in token computations
     max_consecutive_step_failures: int = 3  # then the engine reports itself broken
+    stream_buffer_tokens: int = 64  # a request whose client lags this many tokens behind pauses
 
 
 @dataclass
@@ -101,10 +112,11 @@ class RequestState:
     """Engine-thread state of one request."""
 
     def __init__(self, seq: Sequence, request: GenerationRequest, on_update: UpdateCallback,
-                 tokenizer: Tokenizer, vocab_size: int, arrived: float):
+                 backlog: Optional[BacklogProbe], tokenizer: Tokenizer, vocab_size: int, arrived: float):
         self.seq = seq
         self.request = request
         self.on_update = on_update
+        self.backlog = backlog
         self.sampler = RequestSampler(request.sampling, vocab_size, request.prompt_token_ids, request.logprobs)
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop = StopMatcher(request.stop)
@@ -127,7 +139,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._states: dict[int, RequestState] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # guards _queued and _draining, read by submitting threads
+        self._lock = threading.Lock()  # guards _queued, _draining, broken and _idle, shared with submitting threads
         self._queued = 0  # submitted, not yet given a slot
         self._draining = False
         self._stopping = threading.Event()
@@ -141,26 +153,48 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: GenerationRequest, on_update: UpdateCallback) -> int:
-        """Queue a validated request; returns a handle for cancel(). Raises at once when it cannot be taken."""
+    def check_capacity(self) -> None:
+        """Raise what submit() would for lack of room, without taking anything: lets a handler refuse
+        a request during a burst before paying for its tokenization and validation."""
         with self._lock:
-            if self._draining or self.broken is not None:
-                self.observer.on_rejected("draining")
-                raise ServerDrainingError("the server is shutting down and accepts no new requests")
-            if self._queued >= self.config.max_queued_requests:
-                self.observer.on_rejected("queue_full")
-                raise QueueFullError(
-                    f"{self._queued} requests are already waiting (--max-queued-requests "
-                    f"{self.config.max_queued_requests}); retry later"
-                )
+            self._refuse_if_full()
+
+    def submit(self, request: GenerationRequest, on_update: UpdateCallback,
+               backlog: Optional[BacklogProbe] = None) -> int:
+        """Queue a validated request; returns a handle for cancel(). Raises at once when it cannot be taken.
+
+        `on_update` is called on the engine thread and must not block. `backlog`, when given, returns how
+        many streamed tokens the client has not taken yet; the request pauses while it is at
+        `stream_buffer_tokens`, and whoever lowers it must call wake().
+        """
+        with self._lock:
+            self._refuse_if_full()
             self._queued += 1
             self._idle.clear()
-        handle = next(self._ids)
-        self._inbox.put(("submit", handle, request, on_update, time.monotonic()))
+            # Inside the lock, so that once draining or broken is set no submit can still land in the inbox
+            # after the engine thread has read it for the last time.
+            handle = next(self._ids)
+            self._inbox.put(("submit", handle, request, on_update, backlog, time.monotonic()))
         return handle
+
+    def _refuse_if_full(self) -> None:
+        """Under the lock: raise when no request can be taken now."""
+        if self._draining or self.broken is not None:
+            self._observe("on_rejected", "draining")
+            raise ServerDrainingError("the server is shutting down and accepts no new requests")
+        if self._queued >= self.config.max_queued_requests:
+            self._observe("on_rejected", "queue_full")
+            raise QueueFullError(
+                f"{self._queued} requests are already waiting (--max-queued-requests "
+                f"{self.config.max_queued_requests}); retry later"
+            )
 
     def cancel(self, handle: int) -> None:
         self._inbox.put(("cancel", handle))
+
+    def wake(self) -> None:
+        """A paused request's client took output: plan again now rather than at the next inbox timeout."""
+        self._inbox.put(("wake",))
 
     def begin_drain(self) -> None:
         with self._lock:
@@ -185,33 +219,49 @@ class Engine:
     # ---- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a bug outside any step: say so and stop, rather than leave requests hanging
+            log.exception("engine loop failed")
+            self._break(e)
+            return
+        # Stopping: requests still queued or running (including submits still in the inbox) are cancelled.
+        self._read_inbox(block=False)
+        for state in list(self._states.values()):
+            self._finish(state, FinishReason.CANCELLED)
+        self._update_idle()
+
+    def _serve(self) -> None:
         failures = 0
+        idle = True
         while not self._stopping.is_set():
-            self._read_inbox(block=not self.scheduler.has_work)
+            # Wait for the inbox only when the last plan was empty: nothing to run, or every running
+            # request waits for its client (a wake() or cancel() arrives through the inbox).
+            self._read_inbox(block=idle)
             self._expire_deadlines(time.monotonic())
+            self._pause_lagging_streams()
             plan = self.scheduler.schedule()
             self._note_admissions(plan)
-            if not plan.chunks:
+            idle = not plan.chunks
+            if idle:
                 self._update_idle()
                 continue
             started = time.monotonic()
             try:
                 logits = self._execute(plan)
+                self._update(plan, logits, started)
                 failures = 0
             except Exception as e:  # a failed step fails its requests, not the server
                 failures += 1
-                self.observer.on_step_failed(e)
+                self._observe("on_step_failed", e)
                 log.error("engine step failed (%d in a row): %s", failures, e)
                 for chunk in plan.chunks:
-                    self._finish(self._states[chunk.seq.seq_id], error=EngineStepError(f"engine step failed: {e}"))
+                    state = self._states.get(chunk.seq.seq_id)  # some may have finished before the failure
+                    if state is not None:
+                        self._finish(state, error=EngineStepError(f"engine step failed: {e}"))
                 if failures >= self.config.max_consecutive_step_failures:
                     self._break(e)
                     return
-                continue
-            self._update(plan, logits, started)
-        for state in list(self._states.values()):
-            self._finish(state, FinishReason.CANCELLED)
-        self._update_idle()
 
     def _read_inbox(self, block: bool) -> None:
         try:
@@ -224,9 +274,17 @@ class Engine:
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "submit":
-            _, handle, request, on_update, arrived = command
+            _, handle, request, on_update, backlog, arrived = command
             seq = Sequence(handle, list(request.prompt_token_ids), len(request.prompt_token_ids))
-            self._states[handle] = RequestState(seq, request, on_update, self.tokenizer, self.card.vocab_size, arrived)
+            try:
+                state = RequestState(seq, request, on_update, backlog, self.tokenizer, self.card.vocab_size, arrived)
+            except Exception as e:  # validation let through settings the sampler refuses: fail this request only
+                log.exception("request %s could not start", request.request_id)
+                with self._lock:
+                    self._queued -= 1
+                self._send(on_update, GenerationUpdate(error=EngineStepError(f"request could not start: {e}")))
+                return
+            self._states[handle] = state
             self.scheduler.add(seq)
         elif command[0] == "cancel" and command[1] in self._states:
             self._finish(self._states[command[1]], FinishReason.CANCELLED)
@@ -235,6 +293,13 @@ class Engine:
         for state in list(self._states.values()):
             if state.request.deadline is not None and now >= state.request.deadline:
                 self._finish(state, FinishReason.CANCELLED)
+
+    def _pause_lagging_streams(self) -> None:
+        """Pause running requests whose clients lag a full buffer behind: they keep their slot, compute nothing."""
+        limit = self.config.stream_buffer_tokens
+        for seq in self.scheduler.running:
+            backlog = self._states[seq.seq_id].backlog
+            seq.paused = backlog is not None and backlog() >= limit
 
     def _note_admissions(self, plan: StepPlan) -> None:
         now = time.monotonic()
@@ -262,20 +327,46 @@ class Engine:
         sampled = {}
         if sampling:
             batch = np.stack([logits[s.seq.seq_id] for s in sampling])
-            for state, (token, logprob) in zip(sampling, sample_batch([s.sampler for s in sampling], batch)):
-                sampled[state.seq.seq_id] = (token, logprob)
+            for state, result in zip(sampling, self._sample(sampling, batch)):
+                if isinstance(result, Exception):
+                    self._finish(state, error=EngineStepError(f"sampling failed: {result}"))
+                else:
+                    sampled[state.seq.seq_id] = result
         prefill_tokens = plan.num_prefill_tokens
         self.scheduler.update(plan, {seq_id: token for seq_id, (token, _) in sampled.items()})
         now = time.monotonic()
         for state in sampling:
+            if state.seq.seq_id not in sampled:
+                continue
             token, logprob = sampled[state.seq.seq_id]
-            self._advance(state, token, logprob, now)
-        self.observer.on_step(StepReport(
+            try:
+                self._advance(state, token, logprob, now)
+            except Exception as e:  # detokenizing or stop matching broke on this request: fail it alone
+                log.exception("request %s failed after sampling", state.request.request_id)
+                if state.seq.seq_id in self._states:
+                    self._finish(state, error=EngineStepError(f"request failed: {e}"))
+        self._observe("on_step", StepReport(
             started=started, duration_s=now - started, prefill_tokens=prefill_tokens,
             decode_tokens=plan.num_tokens - prefill_tokens, calls=self._last_calls,
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
             slots_in_use=self.slots.in_use, tokens_in_use=sum(s.num_computed for s in self.scheduler.running),
         ))
+
+    @staticmethod
+    def _sample(states: list[RequestState], batch: np.ndarray) -> list:
+        """(token, logprob) per row, or the exception that row's sampler raised."""
+        try:
+            return sample_batch([s.sampler for s in states], batch)
+        except Exception:
+            # One request's settings broke the batch: sample row by row so that only that request fails.
+            results = []
+            for state, row in zip(states, batch):
+                try:
+                    results.append(state.sampler.sample(row))
+                except Exception as e:
+                    log.exception("sampling failed for request %s", state.request.request_id)
+                    results.append(e)
+            return results
 
     def _advance(self, state: RequestState, token: int, logprob, now: float) -> None:
         """Stream one new token of a request and finish it when a stop condition holds."""
@@ -297,7 +388,7 @@ class Engine:
             reason = FinishReason.STOP if stopped else reason
         streamed = (token,) if reason is not FinishReason.EOS else ()
         if streamed or text:
-            state.on_update(GenerationUpdate(
+            self._send(state.on_update, GenerationUpdate(
                 token_ids=streamed, text=text, logprobs=(logprob,) if logprob is not None and streamed else (),
             ))
         if reason is not None:
@@ -312,10 +403,10 @@ class Engine:
         self.scheduler.remove(seq)
         del self._states[seq.seq_id]
         completion = seq.num_generated
-        state.on_update(GenerationUpdate(
+        self._send(state.on_update, GenerationUpdate(
             finish_reason=reason, error=error, prompt_tokens=seq.num_prompt_tokens, completion_tokens=completion,
         ))
-        self.observer.on_request_finished(RequestReport(
+        self._observe("on_request_finished", RequestReport(
             finish_reason=reason, error=str(error) if error else None, arrived=state.arrived,
             admitted=state.admitted, first_token=state.token_times[0] if state.token_times else None,
             finished=time.monotonic(), prompt_tokens=seq.num_prompt_tokens, completion_tokens=completion,
@@ -325,11 +416,35 @@ class Engine:
         self._update_idle()
 
     def _update_idle(self) -> None:
-        if not self._states and self._queued == 0:
-            self._idle.set()
+        # Under the lock: a submit between reading _queued and setting _idle would otherwise be missed,
+        # and a drain would then cancel a request it had accepted.
+        with self._lock:
+            if not self._states and self._queued == 0:
+                self._idle.set()
+
+    def _send(self, on_update: UpdateCallback, update: GenerationUpdate) -> None:
+        """Hand an update to its request's stream; a failing callback (its event loop gone) must not end the engine."""
+        try:
+            on_update(update)
+        except Exception:
+            log.exception("could not deliver an update")
+
+    def _observe(self, event: str, *args) -> None:
+        """Report to the observer; a failing observer costs its report, never a request or the engine."""
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception:
+            log.exception("engine observer failed in %s", event)
 
     def _break(self, error: BaseException) -> None:
-        self.broken = error
-        for state in list(self._states.values()):
-            self._finish(state, error=EngineStepError(f"engine stopped after repeated failures: {error}"))
-        self.observer.on_fatal(error)
+        """Stop for good: refuse new work, fail every accepted request, and tell the observer (the app exits)."""
+        with self._lock:
+            self.broken = error
+        try:
+            self._read_inbox(block=False)  # requests submitted before `broken` was set
+            for state in list(self._states.values()):
+                self._finish(state, error=EngineStepError(f"the engine stopped ({error}); the server is restarting"))
+        except Exception:
+            log.exception("could not fail every request of the broken engine")
+        finally:
+            self._observe("on_fatal", error)

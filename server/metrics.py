@@ -1,32 +1,53 @@
-"""Prometheus metrics: the engine reports, this module observes. See docs/metrics.md for the table.
+"""Prometheus metrics: the engine reports, this module observes. docs/metrics.md has the table.
 
 Names follow Prometheus conventions: prefix `attnserve_`, units in names,
 `_total` on counters, a `model` label everywhere. Each Metrics object owns its
 own CollectorRegistry, so tests and several servers in one process never clash.
+
+Series that dashboards and alerts divide by are created at zero when the
+server starts (every finish reason, rejection reason and, per Generation
+method, every status code attnserve returns), so a quiet server reads 0
+rather than "No data".
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
+                               start_http_server)
 
 from export.contract import ModelCard
 from server.engine import EngineObserver, RequestReport, StepReport
 
-# Latency buckets: a CPU decode step of a small model takes ~1-50 ms and a TTFT
-# under load can reach tens of seconds, so the buckets span 1 ms to 60 s.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# Inter-token and step latencies live between ~0.2 ms (tiny model) and 1 s (a long prefill chunk).
-STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
-# Token counts per request or per step: powers of two up to the largest context we serve.
+# Buckets (upper bounds), chosen for this workload; docs/metrics.md gives the reasoning.
+# Request-level latencies (end to end, time to first token, queue wait, RPC handling):
+# a tiny model answers in about a millisecond; SmolLM2 on CPU takes tens of ms to a
+# first token and 2048 tokens at ~20-50 ms each take 40-100 s end to end. The
+# 1-2-4-8 steps above one second keep the TTFT alert threshold (2 s) on a bound.
+REQUEST_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                           1, 2, 4, 8, 15, 30, 60, 120)
+# Per-token and per-step durations: a decode step takes 0.2 ms (tiny model, one row)
+# to ~50 ms (SmolLM2, 16 rows, CPU); a long prefill chunk up to a second or two.
+STEP_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
+# Token counts per request or per step: powers of two up to the longest context served.
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+# A handler cancelled this close to its call's deadline was cancelled by that deadline (see final_code).
+DEADLINE_SLACK_SECONDS = 0.1
+
+FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")  # error = failed inside the engine
+REJECTION_REASONS = ("queue_full", "draining")
+# The status codes attnserve's own handlers end with (server/errors.py, client cancellation, deadlines, bugs).
+GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                       "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE")
 
 
 class Metrics(EngineObserver):
-    def __init__(self, card: ModelCard, provider: str, version: str, kv_slots: int, slot_capacity: int):
+    def __init__(self, card: ModelCard, provider: str, version: str, kv_slots: int, slot_capacity: int,
+                 max_queued_requests: int):
         self.registry = registry = CollectorRegistry()
         self.model = card.name
         self.on_fatal_callbacks: list[Callable[[BaseException], None]] = []
@@ -35,47 +56,70 @@ class Metrics(EngineObserver):
         def histogram(name, doc, buckets, labels=()):
             return Histogram(name, doc, m + list(labels), buckets=buckets, registry=registry)
 
-        self.request_duration = histogram("attnserve_request_duration_seconds", "End-to-end request latency, arrival to last token.", LATENCY_BUCKETS)
-        self.ttft = histogram("attnserve_time_to_first_token_seconds", "Arrival to first generated token.", LATENCY_BUCKETS)
-        self.itl = histogram("attnserve_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", STEP_BUCKETS)
-        self.queue_time = histogram("attnserve_queue_time_seconds", "Arrival to getting a KV slot.", LATENCY_BUCKETS)
-        self.step_duration = histogram("attnserve_engine_step_duration_seconds", "Duration of one engine step, by phase (prefill, decode, mixed).", STEP_BUCKETS, ["phase"])
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, m + list(labels), registry=registry)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, m, registry=registry)
+
+        self.request_duration = histogram("attnserve_request_duration_seconds", "End-to-end request latency, arrival to last token.", REQUEST_LATENCY_BUCKETS)
+        self.ttft = histogram("attnserve_time_to_first_token_seconds", "Arrival to first generated token.", REQUEST_LATENCY_BUCKETS)
+        self.itl = histogram("attnserve_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", STEP_LATENCY_BUCKETS)
+        self.queue_time = histogram("attnserve_queue_time_seconds", "Arrival to getting a KV slot.", REQUEST_LATENCY_BUCKETS)
+        self.step_duration = histogram("attnserve_engine_step_duration_seconds", "Duration of one engine step, by phase (prefill, decode, mixed).", STEP_LATENCY_BUCKETS, ["phase"])
         self.step_tokens = histogram("attnserve_engine_step_tokens", "Tokens computed in one engine step.", TOKEN_BUCKETS)
         self.request_prompt_tokens = histogram("attnserve_request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
         self.request_generated_tokens = histogram("attnserve_request_generated_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
 
-        self.requests_finished = Counter("attnserve_requests_finished_total", "Requests that ended, by finish reason (error = failed in the engine).", m + ["finish_reason"], registry=registry)
-        self.prompt_tokens = Counter("attnserve_prompt_tokens_total", "Prompt tokens of finished requests.", m, registry=registry)
-        self.generated_tokens = Counter("attnserve_generated_tokens_total", "Generated tokens.", m, registry=registry)
-        self.rejected = Counter("attnserve_requests_rejected_total", "Requests refused before running, by reason.", m + ["reason"], registry=registry)
-        self.step_failures = Counter("attnserve_engine_step_failures_total", "Engine steps that raised.", m, registry=registry)
+        self.requests_finished = counter("attnserve_requests_finished_total", "Requests that ended, by finish reason (error = failed in the engine).", ["finish_reason"])
+        self.prompt_tokens = counter("attnserve_prompt_tokens_total", "Prompt tokens of finished requests.")
+        self.generated_tokens = counter("attnserve_generated_tokens_total", "Generated tokens of finished requests.")
+        self.rejected = counter("attnserve_requests_rejected_total", "Requests refused before running, by reason.", ["reason"])
+        self.step_failures = counter("attnserve_engine_step_failures_total", "Engine steps that raised.")
 
-        self.running = Gauge("attnserve_requests_running", "Requests holding a KV slot.", m, registry=registry)
-        self.waiting = Gauge("attnserve_requests_waiting", "Requests waiting for a KV slot.", m, registry=registry)
-        self.slots_in_use = Gauge("attnserve_kv_slots_in_use", "KV slots in use.", m, registry=registry)
-        self.slots_capacity = Gauge("attnserve_kv_slots_capacity", "KV slots preallocated.", m, registry=registry)
-        self.kv_tokens_in_use = Gauge("attnserve_kv_tokens_in_use", "Tokens held in the KV cache.", m, registry=registry)
-        self.kv_tokens_capacity = Gauge("attnserve_kv_tokens_capacity", "Tokens the KV cache can hold.", m, registry=registry)
+        self.running = gauge("attnserve_requests_running", "Requests holding a KV slot.")
+        self.waiting = gauge("attnserve_requests_waiting", "Requests waiting for a KV slot.")
+        self.waiting_capacity = gauge("attnserve_requests_waiting_capacity", "Requests that may wait before new ones are refused (--max-queued-requests).")
+        self.slots_in_use = gauge("attnserve_kv_slots_in_use", "KV slots in use.")
+        self.slots_capacity = gauge("attnserve_kv_slots_capacity", "KV slots preallocated.")
+        self.kv_tokens_in_use = gauge("attnserve_kv_tokens_in_use", "Tokens held in the KV cache.")
+        self.kv_tokens_capacity = gauge("attnserve_kv_tokens_capacity", "Tokens the KV cache can hold.")
         self.info = Info("attnserve_model", "The model served and how.", registry=registry)
 
-        self.grpc_handled = Counter("attnserve_grpc_server_handled_total", "RPCs completed, by method and status code.", m + ["grpc_method", "grpc_code"], registry=registry)
-        self.grpc_seconds = Histogram("attnserve_grpc_server_handling_seconds", "RPC handling time, by method.", m + ["grpc_method"], buckets=LATENCY_BUCKETS, registry=registry)
+        grpc_labels = ["grpc_service", "grpc_method", "grpc_type"]
+        self.grpc_handled = counter("attnserve_grpc_server_handled_total", "RPCs completed, by method and status code.", grpc_labels + ["grpc_code"])
+        self.grpc_seconds = histogram("attnserve_grpc_server_handling_seconds", "RPC handling time, by method.", REQUEST_LATENCY_BUCKETS, grpc_labels)
 
         self.info.info({"model": card.name, "architecture": card.architecture, "dtype": card.dtype,
                         "execution_provider": provider, "version": version})
         self.slots_capacity.labels(self.model).set(kv_slots)
         self.kv_tokens_capacity.labels(self.model).set(kv_slots * slot_capacity)
-        for gauge in (self.running, self.waiting, self.slots_in_use, self.kv_tokens_in_use):
-            gauge.labels(self.model).set(0)
-        for reason in ("length", "stop", "eos", "cancelled", "error"):
+        self.waiting_capacity.labels(self.model).set(max_queued_requests)
+        for g in (self.running, self.waiting, self.slots_in_use, self.kv_tokens_in_use):
+            g.labels(self.model).set(0)
+        for reason in FINISH_REASONS:
             self.requests_finished.labels(self.model, reason)
-        for reason in ("queue_full", "draining"):
+        for reason in REJECTION_REASONS:
             self.rejected.labels(self.model, reason)
+        self.step_failures.labels(self.model)
+        self.prompt_tokens.labels(self.model)
+        self.generated_tokens.labels(self.model)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
+        # No `_created` series beside each counter and histogram: they would double the
+        # series count, and no dashboard or rule reads them. A process-wide switch.
+        disable_created_metrics()
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+    def init_grpc_service(self, service) -> None:
+        """Create the series of a protobuf ServiceDescriptor's methods at zero, for each code attnserve returns."""
+        for method in service.methods:
+            labels = (self.model, service.full_name, method.name, _rpc_type(method.client_streaming, method.server_streaming))
+            self.grpc_seconds.labels(*labels)
+            for code in GRPC_CODES_RETURNED:
+                self.grpc_handled.labels(*labels, code)
 
     # ---- EngineObserver --------------------------------------------------------------------
 
@@ -107,6 +151,10 @@ class Metrics(EngineObserver):
         self.running.labels(model).set(report.running)
         self.waiting.labels(model).set(report.waiting)
         self.slots_in_use.labels(model).set(report.slots_in_use)
+        if report.running == 0:
+            # A request cancelled between steps leaves no step report behind it; with
+            # nothing running the cache holds no tokens, and the next step refreshes it otherwise.
+            self.kv_tokens_in_use.labels(model).set(0)
 
     def on_rejected(self, reason: str) -> None:
         self.rejected.labels(self.model, reason).inc()
@@ -124,8 +172,18 @@ class Metrics(EngineObserver):
         return _MetricsInterceptor(self)
 
 
+def _rpc_type(client_streaming: bool, server_streaming: bool) -> str:
+    """The grpc_type label values of the Go and Java gRPC Prometheus interceptors."""
+    return {(False, False): "unary", (False, True): "server_stream",
+            (True, False): "client_stream", (True, True): "bidi_stream"}[(client_streaming, server_streaming)]
+
+
 class _MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every RPC by method and final status code, and times it."""
+    """Counts every RPC by method and final status code, and times it.
+
+    Methods the server does not implement never reach a handler and are not
+    counted (the Go and Java interceptors do the same).
+    """
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -134,49 +192,74 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        record = self._recorder(method)
-        if handler.unary_unary:
-            async def unary(request, context):
-                started = time.perf_counter()
-                try:
-                    response = await handler.unary_unary(request, context)
-                except BaseException as e:
-                    record(context, e, started)
-                    raise
-                record(context, None, started)
-                return response
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            async def stream(request, context):
-                started = time.perf_counter()
-                try:
-                    async for response in handler.unary_stream(request, context):
-                        yield response
-                except BaseException as e:
-                    record(context, e, started)
-                    raise
-                record(context, None, started)
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        rpc_type = _rpc_type(handler.request_streaming, handler.response_streaming)
+        record = self._recorder(service, method, rpc_type)
+        wrap = {"unary": _wrap_unary_response, "client_stream": _wrap_unary_response,
+                "server_stream": _wrap_stream_response, "bidi_stream": _wrap_stream_response}[rpc_type]
+        behaviour = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        make_handler = {"unary": grpc.unary_unary_rpc_method_handler,
+                        "client_stream": grpc.stream_unary_rpc_method_handler,
+                        "server_stream": grpc.unary_stream_rpc_method_handler,
+                        "bidi_stream": grpc.stream_stream_rpc_method_handler}[rpc_type]
+        return make_handler(wrap(behaviour, record), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
 
-    def _recorder(self, method: str):
+    def _recorder(self, service: str, method: str, rpc_type: str):
         m = self.metrics
+        labels = (m.model, service, method, rpc_type)
 
-        def record(context, error, started):
-            m.grpc_handled.labels(m.model, method, _final_code(context, error)).inc()
-            m.grpc_seconds.labels(m.model, method).observe(time.perf_counter() - started)
+        def record(context, error: Optional[BaseException], started: float) -> None:
+            m.grpc_handled.labels(*labels, final_code(context, error)).inc()
+            m.grpc_seconds.labels(*labels).observe(time.perf_counter() - started)
         return record
 
 
-def _final_code(context, error) -> str:
+def _wrap_unary_response(behaviour, record):
+    async def handle(request, context):
+        started = time.perf_counter()
+        try:
+            response = await behaviour(request, context)
+        except BaseException as e:
+            record(context, e, started)
+            raise
+        record(context, None, started)
+        return response
+    return handle
+
+
+def _wrap_stream_response(behaviour, record):
+    async def handle(request, context):
+        started = time.perf_counter()
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except BaseException as e:
+            record(context, e, started)
+            raise
+        record(context, None, started)
+    return handle
+
+
+def final_code(context, error: Optional[BaseException]) -> str:
+    """The status code the client sees.
+
+    A handler that aborted or set a code has it on the context. gRPC cancels a
+    handler when its client leaves (CANCELLED) or when the call's deadline
+    passes (DEADLINE_EXCEEDED for the client). The client's own deadline timer
+    usually fires first and cancels the call a few milliseconds before the
+    server's copy of the deadline (which starts when the request arrives), so a
+    cancellation that close to the deadline counts as DEADLINE_EXCEEDED.
+    Anything else that escapes a handler becomes UNKNOWN in grpc itself.
+    """
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
     if error is None:
         return "OK"
-    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
+    # A stream whose client left is closed (GeneratorExit) or cancelled, depending on where it was.
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)) or context.cancelled():
+        remaining = context.time_remaining()
+        past_deadline = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+        return "DEADLINE_EXCEEDED" if past_deadline else "CANCELLED"
+    return "UNKNOWN"

@@ -19,6 +19,7 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
 class PromptCodec:
     def __init__(self, tokenizer: Tokenizer, card: ModelCard):
         self.tokenizer = tokenizer
+        self.max_chars_per_token = max_chars_per_token(tokenizer)
         self.template = None
         if card.chat_template:
             names = {key.replace("_token_id", "_token"): self._token_text(value)
@@ -35,7 +36,11 @@ class PromptCodec:
     def encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+    def max_prompt_chars(self, context: int) -> int:
+        """Characters beyond which no text can fit in `context` tokens."""
+        return context * self.max_chars_per_token
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]], max_chars: int = 0) -> list[int]:
         if self.template is None:
             raise InvalidRequestError("messages", "this model has no chat template; send a plain `prompt` instead")
         if not messages:
@@ -47,8 +52,22 @@ class PromptCodec:
             text = self.template.render(messages)
         except ChatTemplateError as e:
             raise InvalidRequestError("messages", f"the chat template rejected them: {e}") from None
+        if max_chars and len(text) > max_chars:  # many short messages: the template adds text to each
+            raise InvalidRequestError("messages", f"render to {len(text)} characters; no text over {max_chars} "
+                                                  "characters fits in the context")
         # The template writes the special tokens itself; do not add them twice.
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self.tokenizer.id_to_token(i) or "" for i in ids]
+
+
+def max_chars_per_token(tokenizer: Tokenizer) -> int:
+    """An upper bound of the characters one token covers: its longest vocabulary entry.
+
+    Entries spell at least what they cover (a byte-level entry spells one character per byte,
+    a byte-fallback entry `<0xE2>` six for one byte). A normalizer may first shrink the text
+    (NFC composes up to about four code points into one), so then four times that.
+    """
+    longest = max(len(entry) for entry in tokenizer.get_vocab(with_added_tokens=True))
+    return longest * (4 if tokenizer.normalizer is not None else 1)

@@ -21,6 +21,7 @@ from server.types import SamplingParams, TokenLogprob
 SampleResult = tuple[int, Optional[TokenLogprob]]
 _DRAW_BLOCK = 256  # tokens per block in the two-level draw
 _NUCLEUS_GUESS = 256  # heaviest tokens tried first as top-p candidates, growing 4x per try
+_FLOAT32_MAX = np.finfo(np.float32).max
 
 
 class RequestSampler:
@@ -116,7 +117,11 @@ class RequestSampler:
         penalty = np.float32(self.params.repetition_penalty)
         scores = logits.copy()  # never write into the caller's (onnxruntime's) buffer
         values = scores[seen]
-        scores[seen] = np.where(values > 0, values / penalty, values * penalty)
+        # An extreme penalty (1e-45, 1e38) overflows float32 to inf, and inf - inf in the draw is NaN:
+        # keep penalised scores finite, which keeps their order.
+        with np.errstate(over="ignore"):
+            penalized = np.where(values > 0, values / penalty, values * penalty)
+        scores[seen] = np.clip(penalized, -_FLOAT32_MAX, _FLOAT32_MAX)
         return scores
 
     def _logprob(self, logits: np.ndarray, token_id: int) -> TokenLogprob:

@@ -28,6 +28,7 @@ class Sequence:
     num_prompt_tokens: int
     slot: Optional[int] = None
     num_computed: int = 0  # tokens whose keys and values are in the slot
+    paused: bool = False  # set by the engine while the client lags behind: keep the slot, decode nothing
 
     @property
     def num_to_compute(self) -> int:
@@ -56,7 +57,7 @@ class Chunk:
 @dataclass
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
-    rows: int = 0  # leading slots the step must bind
+    rows: int = 0  # leading slots the step must bind: up to the highest slot with a chunk
 
     @property
     def num_tokens(self) -> int:
@@ -95,9 +96,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.prefill_chunk_tokens
-        # Decode rows first: every running stream advances every step.
+        # Decode rows first: every running stream that is not paused advances every step.
         for seq in self.running:
-            if seq.num_to_compute == 1 and seq.num_computed >= seq.num_prompt_tokens:
+            if seq.num_to_compute == 1 and seq.num_computed >= seq.num_prompt_tokens and not seq.paused:
                 plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, 1))
         # Then prompts already being prefilled, then new arrivals while slots and budget last.
         for seq in self._prefill_candidates():
@@ -112,7 +113,8 @@ class Scheduler:
             length = min(seq.num_to_compute, budget)
             budget -= length
             plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, length))
-        plan.rows = self.slots.rows_to_bind()
+        # Bind up to the highest slot computed this step: busy slots above it (paused requests) sit idle.
+        plan.rows = max(c.slot for c in plan.chunks) + 1 if plan.chunks else 0
         return plan
 
     def _prefill_candidates(self) -> Iterable[Sequence]:

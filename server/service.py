@@ -2,13 +2,26 @@
 
 Every handler runs inside `_errors_to_status`, the one place where exceptions
 become gRPC status codes (server/errors.py decides which).
+
+Each request's output travels through an `OutputStream`:
+
+    engine thread ──put()──► call_soon_threadsafe ──► pending updates ──take()──► handler ──yield──► gRPC
+                  ◄──backlog(): tokens put, not yet taken                         (blocks while the client
+                                                                                   does not read: flow control)
+
+A client that reads slowly makes `yield` block. The engine never waits for
+it: it pauses the request once `backlog()` reaches --stream-buffer-tokens,
+the handler takes everything pending as one message when it can, and a
+request whose output nobody takes for --stream-stall-timeout-seconds is
+cancelled, so a stalled client holds neither a KV slot nor unbounded memory.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Optional, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -54,35 +67,130 @@ async def _errors_to_status(context: grpc.aio.ServicerContext):
         await context.abort(code, message)
 
 
+def merge_updates(updates: Sequence[GenerationUpdate]) -> GenerationUpdate:
+    """Consecutive updates of one request as one: their tokens and text, and the last one's ending."""
+    if len(updates) == 1:
+        return updates[0]
+    last = updates[-1]
+    return dataclasses.replace(
+        last,
+        token_ids=tuple(t for u in updates for t in u.token_ids),
+        text="".join(u.text for u in updates),
+        logprobs=tuple(lp for u in updates for lp in u.logprobs),
+    )
+
+
+class OutputStream:
+    """One request's output between the engine thread and its handler; see the module docstring."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, buffer_tokens: int, stall_timeout: float,
+                 wake_engine: Callable[[], None]):
+        self._loop = loop
+        self._buffer_tokens = buffer_tokens
+        self._stall_timeout = stall_timeout
+        self._wake_engine = wake_engine
+        self.on_stall: Callable[[], None] = lambda: None
+        self._put_tokens = 0  # written on the engine thread only
+        self._taken_tokens = 0  # written on the event loop only
+        self._pending: list[GenerationUpdate] = []
+        self._ready = asyncio.Event()
+        self._oldest_pending: Optional[float] = None  # loop time the oldest untaken update arrived
+        self._stall_timer: Optional[asyncio.TimerHandle] = None
+        self._ended = False  # the engine sent the last update: the request holds no slot any more
+        self._closed = False  # the handler left: later updates have no reader
+
+    # ---- the engine thread ----
+
+    def put(self, update: GenerationUpdate) -> None:
+        self._put_tokens += len(update.token_ids)
+        self._loop.call_soon_threadsafe(self._push, update)
+
+    def backlog(self) -> int:
+        return self._put_tokens - self._taken_tokens
+
+    # ---- the event loop ----
+
+    def _push(self, update: GenerationUpdate) -> None:
+        if self._closed:
+            return
+        if not self._pending:
+            self._oldest_pending = self._loop.time()
+            if self._stall_timer is None:
+                self._stall_timer = self._loop.call_at(self._oldest_pending + self._stall_timeout, self._check_stall)
+        self._pending.append(update)
+        self._ended = self._ended or update.finished
+        self._ready.set()
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if self._oldest_pending is None or self._ended:
+            return  # everything was taken (the next put re-arms), or the request already left the engine
+        due = self._oldest_pending + self._stall_timeout
+        if self._loop.time() < due:
+            self._stall_timer = self._loop.call_at(due, self._check_stall)
+        else:
+            self.on_stall()
+
+    async def take(self) -> GenerationUpdate:
+        """Wait for output, then take everything pending as one update."""
+        await self._ready.wait()
+        self._ready.clear()
+        updates, self._pending, self._oldest_pending = self._pending, [], None
+        update = merge_updates(updates)
+        was_full = self.backlog() >= self._buffer_tokens
+        self._taken_tokens += len(update.token_ids)
+        if was_full:
+            self._wake_engine()  # the engine may have paused this request
+        return update
+
+    def close(self) -> None:
+        self._closed = True
+        self._pending.clear()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+
 class GenerationService:
-    def __init__(self, engine: Engine, codec: PromptCodec, limits: Limits, model_info: pb.ModelInfo):
+    def __init__(self, engine: Engine, codec: PromptCodec, limits: Limits, model_info: pb.ModelInfo,
+                 stall_timeout_seconds: float = 30.0):
         self.engine = engine
         self.codec = codec
         self.limits = limits
         self.model_info = model_info
+        self.stall_timeout_seconds = stall_timeout_seconds
 
     def _request(self, message, context) -> GenerationRequest:
         if isinstance(message, _Undecodable):
             raise InvalidRequestError("request", f"is not a valid GenerateRequest ({message.error})")
+        self.engine.check_capacity()  # a burst must not pay to tokenize what it cannot run
         return convert.request_from_proto(message, self.codec, self.limits, context.time_remaining())
 
     async def _updates(self, request: GenerationRequest) -> AsyncIterator[GenerationUpdate]:
         """Submit to the engine and yield its updates; leaving early (client gone) cancels the request."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[GenerationUpdate] = asyncio.Queue()
-        handle = self.engine.submit(request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
+        stream = OutputStream(asyncio.get_running_loop(), self.engine.config.stream_buffer_tokens,
+                              self.stall_timeout_seconds, self.engine.wake)
+        handle = self.engine.submit(request, stream.put, stream.backlog)
+        stream.on_stall = lambda: self._cancel_stalled(handle, request)
         finished = False
         try:
             while not finished:
-                update = await updates.get()
-                if update.error is not None:
-                    finished = True
-                    raise update.error
+                update = await stream.take()
                 finished = update.finished
+                if update.error is not None:
+                    if update.token_ids or update.text:  # what came before the failure still reaches the client
+                        yield dataclasses.replace(update, error=None)
+                    raise update.error
                 yield update
         finally:
+            stream.close()
             if not finished:
                 self.engine.cancel(handle)
+
+    def _cancel_stalled(self, handle: int, request: GenerationRequest) -> None:
+        log.warning("request %s: the client took no output for %.0f s; cancelling it to free its KV slot",
+                    request.request_id, self.stall_timeout_seconds)
+        self.engine.cancel(handle)
 
     async def Generate(self, message, context) -> pb.GenerateResponse:
         async with _errors_to_status(context):

@@ -1,7 +1,7 @@
 """Hands out KV slots and takes them back. The scheduler sees slot numbers only.
 
 The lowest free slot is always handed out first, so busy slots stay packed at
-the front and a step binds only the prefix [0, highest busy slot + 1) of the
+the front and a step binds at most the prefix [0, highest busy slot + 1) of the
 cache (server/kv_buffers.py).
 """
 from __future__ import annotations
@@ -36,7 +36,3 @@ class SlotManager:
             raise ValueError(f"slot {slot} is not in use")
         self._busy.remove(slot)
         heapq.heappush(self._free, slot)
-
-    def rows_to_bind(self) -> int:
-        """Number of leading slots a step must bind to cover every busy slot."""
-        return max(self._busy) + 1 if self._busy else 0

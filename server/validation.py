@@ -18,6 +18,24 @@ class Limits:
     max_stop_strings: int
     max_stop_string_length: int
     max_logprobs: int
+    # Prompt text longer than this cannot fit in the context, and is refused before it is tokenized:
+    # tokenizing megabytes takes seconds and holds the GIL, stalling every stream. 0 = no limit.
+    max_prompt_chars: int = 0
+    max_request_id_chars: int = 256  # the id is echoed in every stream message
+
+
+def prompt_text(text: str, limits: Limits, field: str) -> str:
+    if limits.max_prompt_chars and len(text) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            field, f"is {len(text)} characters; no text over {limits.max_prompt_chars} characters fits in the "
+                   f"context of {limits.context} tokens")
+    return text
+
+
+def request_id(value: str, limits: Limits) -> str:
+    if len(value) > limits.max_request_id_chars:
+        raise InvalidRequestError("request_id", f"is {len(value)} characters; at most {limits.max_request_id_chars} are allowed")
+    return value
 
 
 def _finite(field: str, value: float) -> float:

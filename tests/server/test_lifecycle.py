@@ -14,7 +14,8 @@ from server.client import build_request
 def test_deadline_cancels_and_frees_the_slot(test_server):
     stub = test_server.stub()
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(build_request(prompt_token_ids=[3, 4, 5], max_new_tokens=1000, ignore_eos=True), timeout=0.2)
+        # 50 ms: the test model can generate 1000 tokens in under 200 ms on a quiet machine.
+        stub.Generate(build_request(prompt_token_ids=[3, 4, 5], max_new_tokens=1000, ignore_eos=True), timeout=0.05)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert test_server.wait_for_metric("attnserve_kv_slots_in_use", 0) == 0
     assert test_server.metric("attnserve_requests_finished_total", 'finish_reason="cancelled"') >= 1

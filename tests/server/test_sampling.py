@@ -173,6 +173,19 @@ def test_repetition_penalty_moves_the_argmax():
     assert sampler.sample(logits)[0] == 1
 
 
+@pytest.mark.parametrize("penalty", [1.4e-45, 1e-38, 3.4e38])
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_extreme_repetition_penalty_still_samples_in_vocabulary(penalty, top_p):
+    """Found by fuzzing the server: 1e-45 overflowed seen scores to inf, inf - inf gave NaN and an empty nucleus."""
+    logits = random_logits(3)[0]
+    logits[:10] = -np.abs(logits[:10])  # negative seen logits too, multiplied by a huge penalty
+    everything_seen = range(VOCAB) if penalty > 1 else range(50)
+    sampler = RequestSampler(SamplingParams(temperature=1.0, top_p=top_p, repetition_penalty=penalty, seed=2), VOCAB,
+                             everything_seen)
+    for _ in range(5):
+        assert 0 <= sampler.sample(logits)[0] < VOCAB
+
+
 def test_repetition_penalty_does_not_touch_the_callers_logits():
     logits = random_logits(7)[0]
     before = logits.copy()

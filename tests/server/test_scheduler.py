@@ -69,7 +69,7 @@ def test_remove_frees_slot_for_waiting_and_running():
     assert s.slots.free == 1 and not s.has_work
 
 
-def test_rows_to_bind_covers_highest_busy_slot():
+def test_rows_cover_highest_scheduled_slot():
     s = make(slots=4, budget=100)
     seqs = [seq(i, 2) for i in range(3)]
     for x in seqs:
@@ -78,6 +78,20 @@ def test_rows_to_bind_covers_highest_busy_slot():
     s.remove(seqs[0])
     plan = run_step(s)
     assert plan.rows == 3
+
+
+def test_paused_sequence_keeps_its_slot_but_is_not_decoded():
+    s = make(slots=4, budget=100)
+    seqs = [seq(i, 2) for i in range(3)]
+    for x in seqs:
+        s.add(x)
+    run_step(s)
+    seqs[2].paused = True
+    plan = run_step(s)
+    assert [c.seq for c in plan.chunks] == seqs[:2]
+    assert plan.rows == 2 and seqs[2].slot == 2 and s.slots.in_use == 3
+    seqs[2].paused = False
+    assert [c.seq for c in run_step(s).chunks] == seqs
 
 
 def test_random_workload_invariants():

@@ -1,0 +1,70 @@
+"""The graph derived for onnxruntime < 1.32 (no GroupQueryAttention query_seqlens) computes what the serving graph does.
+
+onnxruntime 1.32 runs both graphs (query_seqlens is optional), so the
+derived one is checked here against the original on the calls
+bench/gpu_verify.py makes: right-padded prompts from an empty cache, then
+batched decode steps. (Checked by hand with onnxruntime 1.31.1's CPU EP too:
+docs/benchmarks.md, "CUDA".)
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from export import contract
+from export.contract import ModelCard
+from export.legacy_gqa import legacy_graph, write_legacy_model_dir
+from export.verify import Row, step
+from server import runner as runner_module
+from server.runner import QUERY_SEQLENS_INDEX, ModelRunner, RunnerError, onnxruntime_has_query_seqlens
+
+
+def test_the_installed_onnxruntime_has_query_seqlens():
+    assert onnxruntime_has_query_seqlens()
+
+
+@pytest.mark.parametrize("which", ["float32", "float16"])
+def test_legacy_graph_equals_the_serving_graph_on_uniform_calls(which, test_model_dir, test_fp16_model_dir, tmp_path):
+    model_dir = test_model_dir if which == "float32" else test_fp16_model_dir
+    legacy_dir = write_legacy_model_dir(model_dir, tmp_path / "legacy")
+    graph = onnx.load(str(legacy_dir / contract.MODEL_FILE), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(len(n.input) <= QUERY_SEQLENS_INDEX for n in gqa)
+    assert [i.name for i in graph.input] == [i.name for i in onnx.load(
+        str(model_dir / contract.MODEL_FILE), load_external_data=False).graph.input]
+
+    card = ModelCard.load(model_dir)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, card.vocab_size, n).tolist() for n in (11, 4, 1, 7)]
+    results = []
+    for directory in (model_dir, legacy_dir):
+        runner = ModelRunner(directory, card, kv_slots=4, capacity=40)
+        rows = [Row(list(p)) for p in prompts]
+        logits = [step(runner, rows, [len(p) for p in prompts])]
+        for _ in range(5):
+            for row, row_logits in zip(rows, logits[-1]):
+                row.tokens.append(int(row_logits.argmax()))
+            logits.append(step(runner, rows, [1] * len(rows)))
+        results.append(np.stack(logits))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-5 if which == "float32" else 2e-3, rtol=0)
+
+
+def test_legacy_graph_needs_a_gqa_node(tmp_path):
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "model.onnx"))
+    with pytest.raises(ValueError, match="no GroupQueryAttention"):
+        legacy_graph(tmp_path / "model.onnx")
+
+
+def test_an_onnxruntime_without_query_seqlens_is_named_in_one_line(test_model_dir, tmp_path, monkeypatch):
+    """What the server says under onnxruntime-gpu 1.31 (simulated: a graph it cannot load, and the schema check)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / contract.MODEL_FILE).write_bytes(b"not a graph")
+    monkeypatch.setattr(runner_module, "onnxruntime_has_query_seqlens", lambda: False)
+    with pytest.raises(RunnerError, match="lacks the query_seqlens input .added in 1.32.") as error:
+        ModelRunner(broken, ModelCard.load(test_model_dir), kv_slots=1, capacity=8)
+    assert "\n" not in str(error.value)
