@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 from export.contract import ModelCard
 from server.batch import build_step_inputs
 from server.detokenizer import IncrementalDetokenizer
-from server.errors import EngineStepError, QueueFullError, ServerDrainingError
+from server.errors import DeadlineExceededError, EngineStepError, QueueFullError, ServerDrainingError
 from server.runner import ModelRunner
 from server.sampling import RequestSampler, sample_batch
 from server.scheduler import Scheduler, Sequence, StepPlan, split_into_calls
@@ -292,7 +292,10 @@ class Engine:
     def _expire_deadlines(self, now: float) -> None:
         for state in list(self._states.values()):
             if state.request.deadline is not None and now >= state.request.deadline:
-                self._finish(state, FinishReason.CANCELLED)
+                # The error, not just the reason: the engine can notice the deadline before gRPC does,
+                # and the client must see DEADLINE_EXCEEDED either way, never an OK with fewer tokens.
+                self._finish(state, FinishReason.CANCELLED, DeadlineExceededError(
+                    f"the deadline passed after {state.seq.num_generated} generated tokens"))
 
     def _pause_lagging_streams(self) -> None:
         """Pause running requests whose clients lag a full buffer behind: they keep their slot, compute nothing."""

@@ -12,6 +12,7 @@ rather than "No data".
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Callable, Optional
 
@@ -229,6 +230,11 @@ def _wrap_unary_response(behaviour, record):
 
 
 def _wrap_stream_response(behaviour, record):
+    if not inspect.isasyncgenfunction(behaviour):
+        # A handler that writes with context.write() and returns (the health service's Watch) is a
+        # coroutine, not a generator: gRPC tells the two apart by their function type, so keep it.
+        return _wrap_unary_response(behaviour, record)
+
     async def handle(request, context):
         started = time.perf_counter()
         try:

@@ -263,3 +263,16 @@ def test_concurrent_submits_and_drain_never_lose_an_accepted_request(make_engine
     engine.begin_drain()
     assert engine.wait_idle(30)
     assert all(c.done.is_set() and c.updates[-1].finish_reason == FinishReason.LENGTH for c in results)
+
+
+def test_a_deadline_the_engine_notices_first_still_reads_deadline_exceeded(make_engine):
+    """The engine may expire a request before gRPC's own timer fires; the client must still see
+    DEADLINE_EXCEEDED, not an OK answer cut short."""
+    engine = make_engine(kv_slots=1)
+    collector = Collector()
+    engine.submit(_request(max_new_tokens=200, deadline=time.monotonic() - 1), collector)
+    final = collector.final
+    assert final.finish_reason == FinishReason.CANCELLED
+    assert isinstance(final.error, engine_module.DeadlineExceededError)
+    assert final.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: engine.slots.in_use == 0, 5, "the expired request kept its slot")

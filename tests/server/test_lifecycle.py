@@ -27,6 +27,9 @@ def test_health_and_reflection_are_on(test_server):
     for service in ("", "attnserve.v1.Generation"):
         status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="attnserve.v1.Generation"), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)

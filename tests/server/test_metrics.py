@@ -248,6 +248,12 @@ async def _stream_slow(request, context):
         await asyncio.sleep(0.05)
 
 
+async def _stream_written(request, context):
+    """A streaming handler that writes and returns, as the health service's Watch does."""
+    for _ in range(2):
+        await context.write(b"w")
+
+
 async def _sum_stream(requests, context):
     return b"%d" % len([r async for r in requests])
 
@@ -265,7 +271,8 @@ HANDLERS = {
     **{name: grpc.unary_unary_rpc_method_handler(f, _identity, _identity)
        for name, f in [("Ok", _ok), ("Abort", _abort), ("Slow", _slow), ("Raise", _raise)]},
     **{name: grpc.unary_stream_rpc_method_handler(f, _identity, _identity)
-       for name, f in [("StreamOk", _stream_ok), ("StreamAbort", _stream_abort), ("StreamSlow", _stream_slow)]},
+       for name, f in [("StreamOk", _stream_ok), ("StreamAbort", _stream_abort), ("StreamSlow", _stream_slow),
+                      ("StreamWritten", _stream_written)]},
     "Sum": grpc.stream_unary_rpc_method_handler(_sum_stream, _identity, _identity),
     "Echo": grpc.stream_stream_rpc_method_handler(_echo_stream, _identity, _identity),
 }
@@ -309,6 +316,8 @@ async def _drive_every_kind_of_rpc(m: Metrics) -> dict[str, grpc.StatusCode]:
             seen["Slow/cancel"] = grpc.StatusCode.CANCELLED
             seen["StreamOk"] = await stream("StreamOk")
             seen["StreamAbort"] = await stream("StreamAbort")
+            written = [r async for r in channel.unary_stream("/test.Probe/StreamWritten")(b"", timeout=5)]
+            seen["StreamWritten"] = grpc.StatusCode.OK if written == [b"w", b"w"] else None
             seen["StreamSlow/deadline"] = await stream("StreamSlow", timeout=0.3)
             for attempt in range(5):  # the handler is cancelled or closed, depending on where it was
                 seen[f"StreamSlow/cancel{attempt}"] = await stream("StreamSlow", cancel_after=1 + attempt)
@@ -334,6 +343,7 @@ def test_interceptor_counts_each_rpc_under_the_code_its_client_saw():
         ("Slow", "unary", "CANCELLED"): 1,
         ("StreamOk", "server_stream", "OK"): 1,
         ("StreamAbort", "server_stream", "RESOURCE_EXHAUSTED"): 1,
+        ("StreamWritten", "server_stream", "OK"): 1,
         ("StreamSlow", "server_stream", "DEADLINE_EXCEEDED"): 1,
         ("StreamSlow", "server_stream", "CANCELLED"): 5,
         ("Sum", "client_stream", "OK"): 1,
@@ -353,6 +363,7 @@ def test_interceptor_counts_each_rpc_under_the_code_its_client_saw():
     assert seen["Abort"] == grpc.StatusCode.INVALID_ARGUMENT and seen["Raise"] == grpc.StatusCode.UNKNOWN
     assert seen["Slow/deadline"] == seen["StreamSlow/deadline"] == grpc.StatusCode.DEADLINE_EXCEEDED
     assert seen["StreamAbort"] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert seen["StreamWritten"] == grpc.StatusCode.OK
 
 
 # ---- a real server after N known requests ----------------------------------------------------
@@ -438,16 +449,10 @@ def test_counters_equal_what_n_known_requests_returned(test_model_dir, server_pr
     assert sample(s, "attnserve_kv_slots_in_use", model=model) == 0
 
     # Then one deadline and two clients that leave mid-stream: counted under the codes those clients saw.
-    # The engine expires a request at the call's deadline too, so the client gets either DEADLINE_EXCEEDED
-    # or, when the engine was first, OK with finish reason CANCELLED.
-    try:
-        response = stub.Generate(build_request(prompt_token_ids=[7] * 8, max_new_tokens=1000, ignore_eos=True),
-                                 timeout=0.08)
-        assert response.finish_reason == pb.FINISH_REASON_CANCELLED
-        deadline_code = "OK"
-    except grpc.RpcError as e:
-        deadline_code = e.code().name
-    assert deadline_code in ("OK", "DEADLINE_EXCEEDED")
+    # Whether gRPC or the engine notices the deadline first, the client reads DEADLINE_EXCEEDED.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(build_request(prompt_token_ids=[7] * 8, max_new_tokens=1000, ignore_eos=True), timeout=0.08)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(2):
         call = stub.GenerateStream(build_request(prompt_token_ids=[9] * 8, max_new_tokens=1000, ignore_eos=True), timeout=60)
         next(call)
@@ -458,6 +463,6 @@ def test_counters_equal_what_n_known_requests_returned(test_model_dir, server_pr
     assert sample(s, "attnserve_requests_finished_total", model=model, finish_reason="cancelled") == 3
     generate_codes = {code: sample(s, "attnserve_grpc_server_handled_total", grpc_method="Generate", grpc_code=code,
                                    **generation) for code in ("OK", "DEADLINE_EXCEEDED")}
-    assert generate_codes == {"OK": 5 + (deadline_code == "OK"), "DEADLINE_EXCEEDED": int(deadline_code != "OK")}
+    assert generate_codes == {"OK": 5, "DEADLINE_EXCEEDED": 1}
     assert sample(s, "attnserve_grpc_server_handled_total", grpc_method="GenerateStream", grpc_code="CANCELLED", **generation) == 2
     assert sample(s, "attnserve_grpc_server_handled_total", grpc_code="UNKNOWN", **generation) == 0
