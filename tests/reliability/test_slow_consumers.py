@@ -19,7 +19,7 @@ import pytest
 from proto.attnserve.v1 import generation_pb2 as pb
 from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
-from server.service import OutputStream
+from server.service import LoopMailbox, OutputStream
 from server.types import FinishReason, GenerationUpdate
 from tests.reliability.helpers import FIGURES, slow_reader_channel, wait_for_no_work, wait_until
 
@@ -171,7 +171,7 @@ def test_output_stream_merges_what_waits_wakes_the_engine_and_flags_a_stall():
     async def scenario():
         loop = asyncio.get_running_loop()
         woken, stalls = [], []
-        stream = OutputStream(loop, buffer_tokens=2, stall_timeout=0.05, wake_engine=lambda: woken.append(True))
+        stream = OutputStream(LoopMailbox(loop), buffer_tokens=2, stall_timeout=0.05, wake_engine=lambda: woken.append(True))
         stream.on_stall = lambda: stalls.append(loop.time())
         for token in (1, 2, 3):  # as the engine thread would: a buffer's worth and more
             stream.put(GenerationUpdate(token_ids=(token,), text=str(token)))
@@ -185,7 +185,7 @@ def test_output_stream_merges_what_waits_wakes_the_engine_and_flags_a_stall():
         await asyncio.sleep(0.1)  # nobody takes token 4
         assert len(stalls) == 1
         stream.put(GenerationUpdate(finish_reason=FinishReason.CANCELLED))  # what the engine sends on cancel
-        await asyncio.sleep(0)  # the put lands on the loop
+        await asyncio.sleep(0.01)  # the put lands on the loop
         final = await stream.take()
         assert final.token_ids == (4,) and final.finish_reason == FinishReason.CANCELLED
         stream.close()
