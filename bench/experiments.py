@@ -59,8 +59,10 @@ def variants() -> list[Variant]:
             Variant("allow_spinning=0", "chat", grpc, session_config=SPINNING_OFF),
             Variant("intra_op_threads=1", "chat", grpc, settings={"intra_op_threads": 1}),
         ]
-    scheduling = [Variant(f"prefill_chunk_tokens={n}", "long", settings={"prefill_chunk_tokens": n})
+    scheduling = [Variant(f"prefill_chunk_tokens={n}", "long", settings={"prefill_chunk_tokens": n, "prefill_tokens_per_decode_row": 0})
                   for n in (64, 128, 256, 512)]
+    scheduling += [Variant(f"prefill_tokens_per_decode_row={n}", mix, settings={"prefill_tokens_per_decode_row": n})
+                   for mix in ("long", "chat") for n in (0, 2, 4, 8)]
     scheduling += [Variant(f"call_overhead_tokens={n}", "long", call_overhead_tokens=n) for n in (0, 128, 10**6)]
     return runtime + scheduling
 

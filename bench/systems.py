@@ -106,12 +106,14 @@ class ServerSettings:
     kv_slots: int
     max_seq_len: int
     prefill_chunk_tokens: int = 256  # the server's default
+    prefill_tokens_per_decode_row: int = 8  # the server's default
     max_queued_requests: int = 4096  # open-loop arrivals must queue, not be refused
     intra_op_threads: int = 0  # onnxruntime's default: one per core
 
     def flags(self) -> list[str]:
         return ["--kv-slots", str(self.kv_slots), "--max-seq-len", str(self.max_seq_len),
                 "--prefill-chunk-tokens", str(self.prefill_chunk_tokens),
+                "--prefill-tokens-per-decode-row", str(self.prefill_tokens_per_decode_row),
                 "--max-queued-requests", str(self.max_queued_requests),
                 "--intra-op-threads", str(self.intra_op_threads)]
 
@@ -296,6 +298,7 @@ class AttnserveInProcess(System):
         self.observer = _StepCounter()
         self.engine = Engine(runner, load_tokenizer(self.model_dir), card, EngineConfig(
             kv_slots=s.kv_slots, max_seq_len=capacity, prefill_chunk_tokens=s.prefill_chunk_tokens,
+            prefill_tokens_per_decode_row=s.prefill_tokens_per_decode_row,
             max_queued_requests=s.max_queued_requests, **extra), observer=self.observer)
         self.engine.start()
 

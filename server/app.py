@@ -177,6 +177,7 @@ async def start_server(config: ServerConfig) -> Server:
     observer.init_grpc_service(pb.DESCRIPTOR.services_by_name["Generation"])
     engine = Engine(runner, tokenizer, card, EngineConfig(
         kv_slots=config.kv_slots, max_seq_len=capacity, prefill_chunk_tokens=config.prefill_chunk_tokens,
+        prefill_tokens_per_decode_row=config.prefill_tokens_per_decode_row,
         max_queued_requests=config.max_queued_requests, stream_buffer_tokens=config.stream_buffer_tokens,
     ), observer=observer)
     limits = Limits(

@@ -31,6 +31,9 @@ class ServerConfig:
     kv_slots: int = _option(16, "requests decoded at once: one preallocated KV cache row each")
     max_seq_len: int = _option(2048, "tokens per KV slot (prompt + generated); capped by the model's context")
     prefill_chunk_tokens: int = _option(256, "prompt tokens computed per engine step, across requests")
+    prefill_tokens_per_decode_row: int = _option(
+        8, "while streams decode, prompt tokens per step are capped at this many per decoding row (at least 32), "
+        "so long prompts do not stretch other streams' inter-token latency; 0 = always --prefill-chunk-tokens")
     max_queued_requests: int = _option(256, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
     default_max_new_tokens: int = _option(256, "max_new_tokens when a request leaves it 0")
     max_new_tokens_limit: int = _option(2048, "largest max_new_tokens a request may ask for")
@@ -57,6 +60,8 @@ class ServerConfig:
                      "default_max_new_tokens", "max_new_tokens_limit", "max_request_bytes", "stream_buffer_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.prefill_tokens_per_decode_row < 0:
+            problems.append(f"--prefill-tokens-per-decode-row must be at least 0, got {self.prefill_tokens_per_decode_row}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:

@@ -10,7 +10,12 @@ a step computes, per sequence, some of the tokens it has not computed yet.
                                update(plan, sampled)  ◄───┘ decode rows 1 token, prefills up to the budget
 
 Decode rows are always scheduled, so a long prompt never stalls running
-streams; prompt tokens share a per-step budget (`prefill_chunk_tokens`).
+streams; prompt tokens share a per-step budget (`prefill_chunk_tokens`). While
+streams decode, that budget shrinks to `prefill_tokens_per_decode_row` per
+decoding row (at least MIN_PREFILL_CHUNK): a prompt chunk then costs about as
+much as the decode rows it rides with, so a step that carries one is not many
+times slower than a step that does not, and no stream sees a long gap. With
+nothing decoding, a prompt gets the whole budget and its first token sooner.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from server.slots import SlotManager
+
+# The smallest prompt chunk while streams decode: below it, a long prompt takes so many
+# steps that its time to first token suffers more than the streams' latency gains.
+MIN_PREFILL_CHUNK = 32
 
 
 @dataclass(eq=False)
@@ -69,11 +78,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotManager, prefill_chunk_tokens: int):
+    def __init__(self, slots: SlotManager, prefill_chunk_tokens: int, prefill_tokens_per_decode_row: int = 0):
         if prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be at least 1")
+        if prefill_tokens_per_decode_row < 0:
+            raise ValueError("prefill_tokens_per_decode_row must be at least 0 (0: a fixed budget)")
         self.slots = slots
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_tokens_per_decode_row = prefill_tokens_per_decode_row
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
 
@@ -95,11 +107,11 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.prefill_chunk_tokens
         # Decode rows first: every running stream that is not paused advances every step.
         for seq in self.running:
             if seq.num_to_compute == 1 and seq.num_computed >= seq.num_prompt_tokens and not seq.paused:
                 plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, 1))
+        budget = self.prefill_budget(decode_rows=len(plan.chunks))
         # Then prompts already being prefilled, then new arrivals while slots and budget last.
         for seq in self._prefill_candidates():
             if budget == 0:
@@ -116,6 +128,13 @@ class Scheduler:
         # Bind up to the highest slot computed this step: busy slots above it (paused requests) sit idle.
         plan.rows = max(c.slot for c in plan.chunks) + 1 if plan.chunks else 0
         return plan
+
+    def prefill_budget(self, decode_rows: int) -> int:
+        """Prompt tokens a step may compute beside `decode_rows` decoding streams."""
+        if decode_rows == 0 or self.prefill_tokens_per_decode_row == 0:
+            return self.prefill_chunk_tokens
+        scaled = max(MIN_PREFILL_CHUNK, self.prefill_tokens_per_decode_row * decode_rows)
+        return min(self.prefill_chunk_tokens, scaled)
 
     def _prefill_candidates(self) -> Iterable[Sequence]:
         yield from [s for s in self.running if s.num_computed < s.num_prompt_tokens]

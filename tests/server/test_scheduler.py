@@ -142,3 +142,27 @@ def test_split_into_calls_separates_long_prefill_from_many_decode_rows():
 def test_budget_must_be_positive(budget):
     with pytest.raises(ValueError):
         make(budget=budget)
+
+
+def test_prefill_budget_scales_with_decoding_rows_while_streams_decode():
+    s = Scheduler(SlotManager(64, 2048), 256, prefill_tokens_per_decode_row=8)
+    assert s.prefill_budget(decode_rows=0) == 256  # nothing to stall: the whole budget
+    assert s.prefill_budget(decode_rows=1) == 32  # the floor
+    assert s.prefill_budget(decode_rows=12) == 96
+    assert s.prefill_budget(decode_rows=48) == 256  # capped by prefill_chunk_tokens
+    fixed = Scheduler(SlotManager(64, 2048), 256, prefill_tokens_per_decode_row=0)
+    assert fixed.prefill_budget(decode_rows=12) == 256
+
+
+def test_a_long_prompt_beside_decoding_streams_gets_the_scaled_budget():
+    s = Scheduler(SlotManager(8, 4096), 256, prefill_tokens_per_decode_row=8)
+    streams = [seq(i, 4) for i in range(5)]
+    for stream in streams:
+        s.add(stream)
+    run_step(s)  # all five prefill at once (nothing was decoding) and sample
+    s.add(seq(9, 1000))
+    plan = run_step(s)
+    decode = [c for c in plan.chunks if c.length == 1]
+    prefill = [c for c in plan.chunks if c.length > 1]
+    assert len(decode) == 5 and [c.length for c in prefill] == [40]  # 8 x 5 decoding rows
+    assert plan.num_prefill_tokens == 40
