@@ -50,20 +50,48 @@ ENGINE_BUCKETS = (
 )
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each thread of a process has used, by native thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return out
+
+
+def cores_by_thread(before: dict[int, float], after: dict[int, float], names: dict[int, str], window: float) -> dict:
+    """Cores each thread kept busy over the window; threads Python does not know are onnxruntime's pool
+    or gRPC's core threads (py-spy names only Python threads)."""
+    busy: collections.Counter = collections.Counter()
+    for tid, seconds in after.items():
+        busy[names.get(tid, f"native thread {tid} (onnxruntime pool or gRPC core)")] += (seconds - before.get(tid, 0.0)) / window
+    return {name: round(cores, 3) for name, cores in busy.most_common() if cores >= 0.005}
+
+
 def pyspy_profile(pyspy: str, system: AttnserveGrpc, seconds: float, out_file: Path) -> dict:
-    """Record the server for `seconds`; returns samples by thread and the engine thread's buckets."""
+    """Record the server for `seconds`; returns samples by thread, the engine thread's buckets, and the
+    cores each thread (Python's and native ones) kept busy meanwhile."""
+    cpu_before, started = thread_cpu_seconds(system.process.pid), time.perf_counter()
     command = [pyspy, "record", "--pid", str(system.process.pid), "--duration", str(int(seconds)), "--rate", "200",
                "--format", "raw", "--threads", "--idle", "--nonblocking", "-o", str(out_file)]
     subprocess.run(command, check=True, capture_output=True, text=True)
+    cpu_after, window = thread_cpu_seconds(system.process.pid), time.perf_counter() - started
     threads: collections.Counter = collections.Counter()
+    thread_names: dict[int, str] = {}
     engine: collections.Counter = collections.Counter()
     leaf: collections.Counter = collections.Counter()
     for line in out_file.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         n = int(count)
-        thread = frames[0]
+        thread = frames[0]  # "thread (TID): NAME"
         threads[thread] += n
+        if thread.startswith("thread ("):
+            thread_names[int(thread[len("thread ("):thread.index(")")])] = thread.partition(": ")[2] or thread
         if "attnserve-engine" in thread or any("engine.py" in f and "_run" in f for f in frames):
             names = [f.split(" (")[0].split(".")[-1] for f in reversed(frames[1:])]  # innermost first, bare names
             bucket = next((label for key, label in ENGINE_BUCKETS if key in names), "other engine work")
@@ -71,6 +99,7 @@ def pyspy_profile(pyspy: str, system: AttnserveGrpc, seconds: float, out_file: P
             leaf[frames[-1].split(" (")[0] + " (" + frames[-1].split(" (")[-1]] += n
     total_engine = sum(engine.values()) or 1
     return {
+        "cores_by_thread": cores_by_thread(cpu_before, cpu_after, thread_names, window),
         "threads": dict(threads.most_common()),
         "engine_thread_share": {k: v / total_engine for k, v in engine.most_common()},
         "engine_thread_top_leaves": {k: v / total_engine for k, v in leaf.most_common(12)},
@@ -102,10 +131,14 @@ async def profile_server(args, out_dir: Path) -> list[dict]:
             loop_task = asyncio.ensure_future(closed_loop(system, requests, c, args.seconds + 5))
             await asyncio.sleep(2.0)  # let the concurrency build up
             raw = out_dir / f"{args.name}-pyspy-c{c}.txt"
+            before, started = os.times(), time.perf_counter()
             figures = await asyncio.to_thread(pyspy_profile, pyspy, system, args.seconds, raw)
+            after, window = os.times(), time.perf_counter() - started
             point = summarize(await loop_task)
             out.append({"concurrency": c, "output_tokens_per_s": point["output_tokens_per_s"],
-                        "tpot_p50_ms": (point["tpot_s"]["p50"] or 0) * 1000, **figures})
+                        "tpot_p50_ms": (point["tpot_s"]["p50"] or 0) * 1000, **figures,
+                        # the gRPC client (load generator) on the same cores, over the same window
+                        "load_generator_cores": (after.user + after.system - before.user - before.system) / window})
     finally:
         await system.stop()
     return out
@@ -171,6 +204,9 @@ def markdown(results: dict) -> str:
                      f"TPOT p50 {p['tpot_p50_ms']:.1f} ms): engine thread time")
         lines += ["", "| engine thread | share |", "|---|---|"]
         lines += [f"| {k} | {v:.1%} |" for k, v in p["engine_thread_share"].items()]
+        lines += ["", "| server thread | cores busy |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in p["cores_by_thread"].items()]
+        lines.append(f"| (the load generator, another process) | {p['load_generator_cores']:.2f} |")
         lines.append("")
     lines += ["| batch | new tokens/row | wall ms | model_run ms | kernels ms | top operators |", "|---|---|---|---|---|---|"]
     for p in results.get("onnxruntime", []):
