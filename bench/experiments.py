@@ -2,7 +2,7 @@
 
     python -m bench.experiments --model DIR [--name NAME] [--concurrency 1,16,64]
 
-    runtime      onnxruntime intra-op spinning off (session.intra_op.allow_spinning = "0"),
+    runtime      onnxruntime intra-op spinning on (the server's default is off),
                  one intra-op thread: chat mix, closed loop at each concurrency, over gRPC
                  (python -m server; bench.patched_server sets the session entry) and in-process
     scheduling   prefill_chunk_tokens and the call-splitting overhead (split_into_calls'
@@ -31,7 +31,6 @@ from bench.report import points_table
 from bench.systems import ROOT, AttnserveGrpc, AttnserveInProcess, ServerSettings
 from bench.workload import LengthScale, max_total_tokens
 
-SPINNING_OFF = {"session.intra_op.allow_spinning": "0"}
 
 
 @dataclasses.dataclass
@@ -56,7 +55,7 @@ def variants() -> list[Variant]:
     for grpc in (True, False):
         runtime += [
             Variant("default", "chat", grpc),
-            Variant("allow_spinning=0", "chat", grpc, session_config=SPINNING_OFF),
+            Variant("intra_op_spinning=on", "chat", grpc, settings={"intra_op_spinning": True}),
             Variant("intra_op_threads=1", "chat", grpc, settings={"intra_op_threads": 1}),
         ]
     scheduling = [Variant(f"prefill_chunk_tokens={n}", "long", settings={"prefill_chunk_tokens": n, "prefill_tokens_per_decode_row": 0})

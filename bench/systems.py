@@ -109,13 +109,15 @@ class ServerSettings:
     prefill_tokens_per_decode_row: int = 8  # the server's default
     max_queued_requests: int = 4096  # open-loop arrivals must queue, not be refused
     intra_op_threads: int = 0  # onnxruntime's default: one per core
+    intra_op_spinning: bool = False  # the server's default
 
     def flags(self) -> list[str]:
         return ["--kv-slots", str(self.kv_slots), "--max-seq-len", str(self.max_seq_len),
                 "--prefill-chunk-tokens", str(self.prefill_chunk_tokens),
                 "--prefill-tokens-per-decode-row", str(self.prefill_tokens_per_decode_row),
                 "--max-queued-requests", str(self.max_queued_requests),
-                "--intra-op-threads", str(self.intra_op_threads)]
+                "--intra-op-threads", str(self.intra_op_threads),
+                "--intra-op-spinning", "on" if self.intra_op_spinning else "off"]
 
 
 class AttnserveGrpc(System):
@@ -247,7 +249,7 @@ class _StepCounter:
 
 
 def build_runner(model_dir: Path, card, kv_slots: int, capacity: int, intra_op_threads: int = 0,
-                 session_config: Optional[dict[str, str]] = None):
+                 session_config: Optional[dict[str, str]] = None, intra_op_spinning: bool = False):
     """server.runner.ModelRunner, optionally with onnxruntime session config entries the server does not expose.
 
     The runner builds its own session; for experiments the session is rebuilt here with
@@ -258,13 +260,15 @@ def build_runner(model_dir: Path, card, kv_slots: int, capacity: int, intra_op_t
     from export import contract
     from server.runner import ModelRunner
 
-    runner = ModelRunner(model_dir, card, kv_slots, capacity, "cpu", intra_op_threads)
+    runner = ModelRunner(model_dir, card, kv_slots, capacity, "cpu", intra_op_threads,
+                         intra_op_spinning=intra_op_spinning)
     if session_config:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
-        for key, value in session_config.items():
+        entries = {"session.intra_op.allow_spinning": "1" if intra_op_spinning else "0"} | session_config
+        for key, value in entries.items():
             options.add_session_config_entry(key, value)
         runner.session = ort.InferenceSession(str(Path(model_dir) / contract.MODEL_FILE), options,
                                               providers=["CPUExecutionProvider"])
@@ -293,7 +297,8 @@ class AttnserveInProcess(System):
         card = ModelCard.load(self.model_dir)
         s = self.server_settings
         capacity = min(s.max_seq_len, card.max_positions)
-        runner = build_runner(self.model_dir, card, s.kv_slots, capacity, s.intra_op_threads, self.session_config)
+        runner = build_runner(self.model_dir, card, s.kv_slots, capacity, s.intra_op_threads, self.session_config,
+                              s.intra_op_spinning)
         extra = {} if self.call_overhead_tokens is None else {"call_overhead_tokens": self.call_overhead_tokens}
         self.observer = _StepCounter()
         self.engine = Engine(runner, load_tokenizer(self.model_dir), card, EngineConfig(

@@ -159,7 +159,8 @@ async def start_server(config: ServerConfig) -> Server:
     check_kv_memory(CacheShape(card.n_layers, config.kv_slots, card.n_kv_heads, capacity, card.head_dim, card.dtype),
                     config.device)
     try:
-        runner = ModelRunner(config.model, card, config.kv_slots, capacity, config.device, config.intra_op_threads)
+        runner = ModelRunner(config.model, card, config.kv_slots, capacity, config.device, config.intra_op_threads,
+                             intra_op_spinning=config.intra_op_spinning == "on")
     except Exception as e:
         raise StartupError(str(e)) from None
     check_model_runs(runner, card, config.model)

@@ -42,6 +42,9 @@ class ServerConfig:
     max_logprobs: int = _option(20, "largest top-n logprobs a request may ask for")
     max_request_bytes: int = _option(4 * 1024 * 1024, "largest request message; larger ones get RESOURCE_EXHAUSTED")
     intra_op_threads: int = _option(0, "onnxruntime intra-op threads; 0 = one per core")
+    intra_op_spinning: str = _option(
+        "off", "on: onnxruntime's pool threads spin between operators, taking the cores that the gRPC layer and "
+        "other processes need (inter-token latency jitter); off: they sleep", choices=("on", "off"))
     device: str = _option("auto", "cpu, cuda, or auto (cuda when onnxruntime-gpu sees a GPU)", choices=("cpu", "cuda", "auto"))
     drain_grace_seconds: float = _option(30.0, "on SIGTERM, how long accepted requests may take to finish")
     stream_buffer_tokens: int = _option(
@@ -106,4 +109,5 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] =
 
 
 def _type_of(f: dataclasses.Field):
-    return {"model": Path, "host": str, "device": str, "log_level": str, "fault_injection": str}.get(f.name) or type(f.default)
+    return {"model": Path, "host": str, "device": str, "log_level": str, "fault_injection": str,
+            "intra_op_spinning": str}.get(f.name) or type(f.default)

@@ -120,13 +120,15 @@ class ModelRunner:
     every step). For verification only (bench/gpu_verify.py); the server never sets it."""
 
     def __init__(self, model_dir: Path, card: ModelCard, kv_slots: int, capacity: int,
-                 device: str = "cpu", intra_op_threads: int = 0, device_id: int = 0, allow_fp32_cuda: bool = False):
+                 device: str = "cpu", intra_op_threads: int = 0, device_id: int = 0, allow_fp32_cuda: bool = False,
+                 intra_op_spinning: bool = False):
         self.card = card
         self.device_id = device_id
         self.device = resolve_device(device)
         if not allow_fp32_cuda:
             self.device = device_for_dtype(self.device, card.dtype, device)
-        self.session = self._start_session(Path(model_dir), intra_op_threads, fallback_to_cpu=device == "auto")
+        self.session = self._start_session(Path(model_dir), intra_op_threads, intra_op_spinning,
+                                           fallback_to_cpu=device == "auto")
         self._check_graph()
         self.cache = KVBuffers(
             CacheShape(card.n_layers, kv_slots, card.n_kv_heads, capacity, card.head_dim, card.dtype),
@@ -138,11 +140,16 @@ class ModelRunner:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def _start_session(self, model_dir: Path, intra_op_threads: int, fallback_to_cpu: bool) -> ort.InferenceSession:
+    def _start_session(self, model_dir: Path, intra_op_threads: int, intra_op_spinning: bool,
+                       fallback_to_cpu: bool) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
+        # Spinning pool threads keep a core busy between operators. The engine shares the cores with the
+        # event loop, gRPC and other pods, and a spinning thread delays them by a scheduler time slice:
+        # on 2 cores that was a 5 ms inter-token p99 at a 0.9 ms p50 (docs/benchmarks.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spinning else "0")
         path = str(model_dir / contract.MODEL_FILE)
         providers = session_providers(self.device, self.device_id, self.card.dtype)
         try:
