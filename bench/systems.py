@@ -106,7 +106,7 @@ class ServerSettings:
     kv_slots: int
     max_seq_len: int
     prefill_chunk_tokens: int = 256  # the server's default
-    prefill_tokens_per_decode_row: int = 8  # the server's default
+    prefill_tokens_per_decode_row: int = 4  # the server's default
     max_queued_requests: int = 4096  # open-loop arrivals must queue, not be refused
     intra_op_threads: int = 0  # onnxruntime's default: one per core
     intra_op_spinning: bool = False  # the server's default

@@ -32,7 +32,7 @@ class ServerConfig:
     max_seq_len: int = _option(2048, "tokens per KV slot (prompt + generated); capped by the model's context")
     prefill_chunk_tokens: int = _option(256, "prompt tokens computed per engine step, across requests")
     prefill_tokens_per_decode_row: int = _option(
-        8, "while streams decode, prompt tokens per step are capped at this many per decoding row (at least 32), "
+        4, "while streams decode, prompt tokens per step are capped at this many per decoding row (at least 32), "
         "so long prompts do not stretch other streams' inter-token latency; 0 = always --prefill-chunk-tokens")
     max_queued_requests: int = _option(256, "requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
     default_max_new_tokens: int = _option(256, "max_new_tokens when a request leaves it 0")

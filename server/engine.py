@@ -56,7 +56,7 @@ class EngineConfig:
     max_seq_len: int  # tokens per slot: prompt + generated
     prefill_chunk_tokens: int  # prompt tokens computed per step, across requests
     max_queued_requests: int  # requests waiting for a slot before new ones are refused
-    prefill_tokens_per_decode_row: int = 8  # while streams decode, the prompt budget per decoding row (0: fixed)
+    prefill_tokens_per_decode_row: int = 4  # while streams decode, the prompt budget per decoding row (0: fixed)
     call_overhead_tokens: int = 32  # cost of one extra onnxruntime call, in token computations
     max_consecutive_step_failures: int = 3  # then the engine reports itself broken
     stream_buffer_tokens: int = 64  # a request whose client lags this many tokens behind pauses
