@@ -1,12 +1,13 @@
-"""Engine settings worth measuring, tried without changing server/.
+"""Engine settings worth measuring, each variant against the server's defaults on the same requests.
 
     python -m bench.experiments --model DIR [--name NAME] [--concurrency 1,16,64]
 
     runtime      onnxruntime intra-op spinning on (the server's default is off),
                  one intra-op thread: chat mix, closed loop at each concurrency, over gRPC
-                 (python -m server; bench.patched_server sets the session entry) and in-process
-    scheduling   prefill_chunk_tokens and the call-splitting overhead (split_into_calls'
-                 call_overhead_tokens): long-prompt mix, closed loop at 16
+                 (python -m server) and in-process
+    scheduling   prefill_chunk_tokens, prefill_tokens_per_decode_row (long-prompt and chat
+                 mixes) and the call-splitting overhead (split_into_calls' call_overhead_tokens):
+                 closed loop at 16 for the long-prompt mix
     sampling     what the engine's sampling path (np.stack of the logits rows + sample_batch)
                  costs per step at batch 1, 16, 64, greedy and top-p
 
@@ -37,17 +38,16 @@ from bench.workload import LengthScale, max_total_tokens
 class Variant:
     name: str
     mix: str
-    grpc: bool = False  # python -m server (through bench.patched_server when session_config is set), else in-process
+    grpc: bool = False  # python -m server, else the engine in-process
     settings: dict = dataclasses.field(default_factory=dict)  # ServerSettings fields
-    session_config: dict = dataclasses.field(default_factory=dict)
     call_overhead_tokens: int | None = None
 
     def system(self, model_dir: Path, base: ServerSettings):
         settings = dataclasses.replace(base, **self.settings)
         if self.grpc:
-            return AttnserveGrpc(model_dir, settings, name=f"grpc[{self.name}]", session_config=self.session_config)
+            return AttnserveGrpc(model_dir, settings, name=f"grpc[{self.name}]")
         return AttnserveInProcess(model_dir, settings, name=f"inprocess[{self.name}]",
-                                  session_config=self.session_config, call_overhead_tokens=self.call_overhead_tokens)
+                                  call_overhead_tokens=self.call_overhead_tokens)
 
 
 def variants() -> list[Variant]:

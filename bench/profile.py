@@ -149,7 +149,7 @@ def ort_profile(model_dir: Path, batches=(1, 16, 64), past: int = 128, repeats: 
     import onnxruntime as ort
 
     from export.contract import ModelCard
-    from server.runner import StepInputs
+    from server.runner import StepInputs, session_options
 
     from bench.systems import build_runner
 
@@ -157,8 +157,7 @@ def ort_profile(model_dir: Path, batches=(1, 16, 64), past: int = 128, repeats: 
     out = []
     for b, width in [(b, 1) for b in batches] + [(1, 256)]:
         runner = build_runner(model_dir, card, b, past + width + 1)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options()  # the server's defaults, then profiling
         options.enable_profiling = True
         prefix = tempfile.mkdtemp(prefix="attnserve-ort-profile-")
         options.profile_file_prefix = os.path.join(prefix, "ort")

@@ -27,13 +27,14 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from bench.workload import BenchRequest
+from server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,17 +100,22 @@ def metric_sum(text: str, name: str) -> float:
     return total
 
 
+def _server_default(name: str):
+    """A `python -m server` flag's default, so the benchmark runs what an operator gets."""
+    return next(f.default for f in fields(ServerConfig) if f.name == name)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The attnserve settings every attnserve system in a run shares (kv_slots aside for slots1)."""
 
     kv_slots: int
     max_seq_len: int
-    prefill_chunk_tokens: int = 256  # the server's default
-    prefill_tokens_per_decode_row: int = 4  # the server's default
+    prefill_chunk_tokens: int = _server_default("prefill_chunk_tokens")
+    prefill_tokens_per_decode_row: int = _server_default("prefill_tokens_per_decode_row")
     max_queued_requests: int = 4096  # open-loop arrivals must queue, not be refused
-    intra_op_threads: int = 0  # onnxruntime's default: one per core
-    intra_op_spinning: bool = False  # the server's default
+    intra_op_threads: int = _server_default("intra_op_threads")  # 0: one per core
+    intra_op_spinning: bool = _server_default("intra_op_spinning") == "on"
 
     def flags(self) -> list[str]:
         return ["--kv-slots", str(self.kv_slots), "--max-seq-len", str(self.max_seq_len),
@@ -125,22 +131,17 @@ class AttnserveGrpc(System):
     description = "python -m server (subprocess), GenerateStream over grpc.aio"
 
     def __init__(self, model_dir: Path, settings: ServerSettings, name: Optional[str] = None,
-                 startup_timeout: float = 300.0, session_config: Optional[dict[str, str]] = None):
+                 startup_timeout: float = 300.0):
         self.model_dir = Path(model_dir)
         self.server_settings = settings
         self.name = name or self.name
         self.startup_timeout = startup_timeout
-        self.session_config = session_config or {}  # experiments only: served through bench.patched_server
         self.process: Optional[subprocess.Popen] = None
         self.log: list[str] = []
 
     @property
     def command(self) -> list[str]:
-        launcher = ["-m", "server"]
-        if self.session_config:
-            entries = [f"--session-config={k}={v}" for k, v in self.session_config.items()]
-            launcher = ["-m", "bench.patched_server", *entries, "--"]
-        return [sys.executable, *launcher, "--model", str(self.model_dir), "--host", "127.0.0.1",
+        return [sys.executable, "-m", "server", "--model", str(self.model_dir), "--host", "127.0.0.1",
                 "--port", "0", "--metrics-port", "0", "--device", "cpu", *self.server_settings.flags()]
 
     async def start(self) -> None:
@@ -214,8 +215,7 @@ class AttnserveGrpc(System):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def settings(self) -> dict:
-        return {"command": " ".join(self.command[1:]), **self.server_settings.__dict__,
-                **({"session_config": self.session_config} if self.session_config else {})}
+        return {"command": " ".join(self.command[1:]), **self.server_settings.__dict__}
 
 
 # --------------------------------------------------------------------------- attnserve in-process
@@ -249,31 +249,12 @@ class _StepCounter:
 
 
 def build_runner(model_dir: Path, card, kv_slots: int, capacity: int, intra_op_threads: int = 0,
-                 session_config: Optional[dict[str, str]] = None, intra_op_spinning: bool = False):
-    """server.runner.ModelRunner, optionally with onnxruntime session config entries the server does not expose.
-
-    The runner builds its own session; for experiments the session is rebuilt here with
-    the extra entries (e.g. session.intra_op.allow_spinning = "0"). Only bench/ does this.
-    """
-    import onnxruntime as ort
-
-    from export import contract
+                 intra_op_spinning: bool = False):
+    """server.runner.ModelRunner on the CPU (imported here: systems that never use it need no onnxruntime)."""
     from server.runner import ModelRunner
 
-    runner = ModelRunner(model_dir, card, kv_slots, capacity, "cpu", intra_op_threads,
-                         intra_op_spinning=intra_op_spinning)
-    if session_config:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads > 0:
-            options.intra_op_num_threads = intra_op_threads
-        entries = {"session.intra_op.allow_spinning": "1" if intra_op_spinning else "0"} | session_config
-        for key, value in entries.items():
-            options.add_session_config_entry(key, value)
-        runner.session = ort.InferenceSession(str(Path(model_dir) / contract.MODEL_FILE), options,
-                                              providers=["CPUExecutionProvider"])
-        runner.binding = runner.session.io_binding()
-    return runner
+    return ModelRunner(model_dir, card, kv_slots, capacity, "cpu", intra_op_threads,
+                       intra_op_spinning=intra_op_spinning)
 
 
 class AttnserveInProcess(System):
@@ -281,11 +262,10 @@ class AttnserveInProcess(System):
     description = "server.engine.Engine in this process, no gRPC"
 
     def __init__(self, model_dir: Path, settings: ServerSettings, name: Optional[str] = None,
-                 session_config: Optional[dict[str, str]] = None, call_overhead_tokens: Optional[int] = None):
+                 call_overhead_tokens: Optional[int] = None):
         self.model_dir = Path(model_dir)
         self.server_settings = settings
         self.name = name or self.name
-        self.session_config = session_config or {}
         self.call_overhead_tokens = call_overhead_tokens
         self.engine = None
 
@@ -297,8 +277,7 @@ class AttnserveInProcess(System):
         card = ModelCard.load(self.model_dir)
         s = self.server_settings
         capacity = min(s.max_seq_len, card.max_positions)
-        runner = build_runner(self.model_dir, card, s.kv_slots, capacity, s.intra_op_threads, self.session_config,
-                              s.intra_op_spinning)
+        runner = build_runner(self.model_dir, card, s.kv_slots, capacity, s.intra_op_threads, s.intra_op_spinning)
         extra = {} if self.call_overhead_tokens is None else {"call_overhead_tokens": self.call_overhead_tokens}
         self.observer = _StepCounter()
         self.engine = Engine(runner, load_tokenizer(self.model_dir), card, EngineConfig(
@@ -344,9 +323,7 @@ class AttnserveInProcess(System):
         await asyncio.to_thread(self.engine.wait_idle, 60.0)
 
     def settings(self) -> dict:
-        extra = {"session_config": self.session_config} if self.session_config else {}
-        if self.call_overhead_tokens is not None:
-            extra["call_overhead_tokens"] = self.call_overhead_tokens
+        extra = {} if self.call_overhead_tokens is None else {"call_overhead_tokens": self.call_overhead_tokens}
         return {**self.server_settings.__dict__, **extra}
 
 
@@ -367,42 +344,23 @@ class _Job:
     cancelled: bool = False
 
 
-class StaticBatchSystem(System):
-    """Runs batches of up to `concurrency` requests that start together and end together.
+class WorkerThreadSystem(System):
+    """A system driven from one worker thread: generate() queues a job and awaits it.
 
-    A worker thread takes what is waiting (it waits up to `batch_window_s` for a full batch)
-    and runs it to the longest request's length; each request completes as soon as its own
-    tokens are out, but its row keeps being computed until the batch ends, as with
-    transformers' generate. Subclasses implement run_batch().
+    The worker takes jobs from `_jobs`, appends token times to their records and
+    resolves `job.done` (None, or an error message); a job whose caller was cancelled
+    has `cancelled` set, for the worker to drop. Subclasses set `totals` and implement
+    `_working()` and the thread.
     """
 
-    batch_window_s = 0.02
-
     def __init__(self):
-        self.max_batch = 1
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._stopping = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._busy = False  # a batch is running
-        self.totals = {"steps": 0, "rows": 0, "useful_rows": 0}
+        self.totals: dict[str, float] = {}
 
-    def set_concurrency(self, concurrency: int) -> None:
-        self.max_batch = concurrency
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.load)
-        self._thread = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 120)
-        await asyncio.to_thread(self.unload)
-
-    def load(self) -> None: ...
-
-    def unload(self) -> None: ...
+    def _working(self) -> bool:
+        """True while the worker holds jobs it took from the queue."""
+        raise NotImplementedError
 
     async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
         loop = asyncio.get_running_loop()
@@ -421,8 +379,48 @@ class StaticBatchSystem(System):
 
     async def settle(self, timeout: float = 120.0) -> None:
         deadline = time.perf_counter() + timeout
-        while (self._busy or not self._jobs.empty()) and time.perf_counter() < deadline:
+        while (self._working() or not self._jobs.empty()) and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
+
+
+class StaticBatchSystem(WorkerThreadSystem):
+    """Runs batches of up to `concurrency` requests that start together and end together.
+
+    A worker thread takes what is waiting (it waits up to `batch_window_s` for a full batch)
+    and runs it to the longest request's length; each request completes as soon as its own
+    tokens are out, but its row keeps being computed until the batch ends, as with
+    transformers' generate. Subclasses implement run_batch().
+    """
+
+    batch_window_s = 0.02
+
+    def __init__(self):
+        super().__init__()
+        self.max_batch = 1
+        self._thread: Optional[threading.Thread] = None
+        self._busy = False  # a batch is running
+        self.totals = {"steps": 0, "rows": 0, "useful_rows": 0}
+
+    def _working(self) -> bool:
+        return self._busy
+
+    def set_concurrency(self, concurrency: int) -> None:
+        self.max_batch = concurrency
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.load)
+        self._thread = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 120)
+        await asyncio.to_thread(self.unload)
+
+    def load(self) -> None: ...
+
+    def unload(self) -> None: ...
 
     def _take_batch(self) -> list[_Job]:
         batch: list[_Job] = []
@@ -679,7 +677,7 @@ class GenaiGenerator(StaticBatchSystem):
 # --------------------------------------------------------------------------- onnxruntime-genai's Engine
 
 
-class GenaiEngine(System):
+class GenaiEngine(WorkerThreadSystem):
     """onnxruntime-genai's Engine, driven from one thread that owns it.
 
     On our non-paged graph the Engine runs static batches of up to 4 requests that
@@ -691,11 +689,13 @@ class GenaiEngine(System):
     description = "onnxruntime-genai Engine (its own scheduling)"
 
     def __init__(self, model_dir: Path):
+        super().__init__()
         self.model_dir = Path(model_dir)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopping = threading.Event()
         self._active: dict[int, tuple[object, _Job]] = {}  # id(genai request) -> (request, job); engine thread only
         self.totals = {"steps": 0, "rows": 0}
+
+    def _working(self) -> bool:
+        return bool(self._active)
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="genai-engine", daemon=True)
@@ -708,26 +708,6 @@ class GenaiEngine(System):
     async def stop(self) -> None:
         self._stopping.set()
         await asyncio.to_thread(self._thread.join, 120)
-
-    async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
-        loop = asyncio.get_running_loop()
-        job = _Job(request, record, loop.create_future(), loop)
-        self._inbox.put(job)
-        try:
-            error = await job.done
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
-        if error is not None:
-            raise RuntimeError(error)
-
-    async def counters(self) -> dict[str, float]:
-        return dict(self.totals)
-
-    async def settle(self, timeout: float = 120.0) -> None:
-        deadline = time.perf_counter() + timeout
-        while (self._active or not self._inbox.empty()) and time.perf_counter() < deadline:
-            await asyncio.sleep(0.05)
 
     def _work(self) -> None:
         import gc
@@ -748,7 +728,7 @@ class GenaiEngine(System):
         while not self._stopping.is_set():
             pending = engine.has_pending_requests()
             try:
-                job = self._inbox.get(timeout=0.05) if not pending else self._inbox.get_nowait()
+                job = self._jobs.get(timeout=0.05) if not pending else self._jobs.get_nowait()
                 while True:
                     request = engine.create_request()
                     options = og.TurnOptions(request)
@@ -757,7 +737,7 @@ class GenaiEngine(System):
                     options.set_do_sample(False)
                     request.begin_turn(np.array(job.request.prompt_token_ids, dtype=np.int32), options)
                     active[id(request)] = (request, job)
-                    job = self._inbox.get_nowait()
+                    job = self._jobs.get_nowait()
             except queue.Empty:
                 pass
             for request, job in active.values():

@@ -115,6 +115,19 @@ def device_for_dtype(device: str, dtype: str, requested: str) -> str:
     return "cpu"
 
 
+def session_options(intra_op_threads: int = 0, intra_op_spinning: bool = False) -> ort.SessionOptions:
+    """The onnxruntime session options the server runs with (bench.profile adds profiling to the same)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    # Spinning pool threads keep a core busy between operators. The engine shares the cores with the
+    # event loop, gRPC and other pods, and a spinning thread delays them by a scheduler time slice:
+    # on 2 cores that was a 5 ms inter-token p99 at a 0.9 ms p50 (docs/benchmarks.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spinning else "0")
+    return options
+
+
 class ModelRunner:
     """allow_fp32_cuda: run an fp32 graph on CUDA anyway (attention on the CPU EP, the cache copied
     every step). For verification only (bench/gpu_verify.py); the server never sets it."""
@@ -142,14 +155,7 @@ class ModelRunner:
 
     def _start_session(self, model_dir: Path, intra_op_threads: int, intra_op_spinning: bool,
                        fallback_to_cpu: bool) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads > 0:
-            options.intra_op_num_threads = intra_op_threads
-        # Spinning pool threads keep a core busy between operators. The engine shares the cores with the
-        # event loop, gRPC and other pods, and a spinning thread delays them by a scheduler time slice:
-        # on 2 cores that was a 5 ms inter-token p99 at a 0.9 ms p50 (docs/benchmarks.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spinning else "0")
+        options = session_options(intra_op_threads, intra_op_spinning)
         path = str(model_dir / contract.MODEL_FILE)
         providers = session_providers(self.device, self.device_id, self.card.dtype)
         try:
