@@ -164,7 +164,7 @@ def ort_profile(model_dir: Path, batches=(1, 16, 64), past: int = 128, repeats: 
         runner.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
         runner.binding = runner.session.io_binding()
         rng = np.random.default_rng(0)
-        ids = rng.integers(100, 1000, (b, width)).astype(np.int64)
+        ids = rng.integers(0, card.vocab_size, (b, width)).astype(np.int64)  # any vocabulary size
         positions = np.broadcast_to(np.arange(past, past + width), (b, width)).astype(np.int64).copy()
         step = StepInputs(ids, positions, np.full(b, past + width - 1, np.int32), np.full(b, width, np.int32))
         for _ in range(3):
