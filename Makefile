@@ -33,7 +33,7 @@ PROTO_OUT := proto/attnserve/v1/generation_pb2.py
 proto: $(PROTO_OUT)
 
 $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO_SRC)
 
 $(MODEL_DIR)/model.onnx: | $(STAMP)
 	$(PY) -m export --preset smollm2-135m-instruct --out $(MODEL_DIR)

@@ -91,7 +91,7 @@ def sampling_cost(vocab_size: int, batches=(1, 16, 64), repeats: int = 50) -> li
 async def run_experiments(args) -> dict:
     from tqdm import tqdm
 
-    from export.contract import ModelCard
+    from server.contract import ModelCard
 
     model_dir = args.model
     card = ModelCard.load(model_dir)

@@ -1,6 +1,6 @@
-"""Verify and measure attnserve's CUDA path on a lent GPU machine, in one call (docs/benchmarks.md, "CUDA").
+"""Verify and measure attnserve's CUDA path on a GPU machine, in one call (docs/benchmarks.md, "CUDA").
 
-    python -m bench.gpu_verify --out $OUT --small-checkpoint CKPT [--export-pythonpath DIR] \\
+    python -m bench.gpu_verify --out DIR --small-checkpoint CKPT [--export-pythonpath DIR] \\
         [--smollm2-gguf FILE --smollm2-tokenizer TOKENIZER_JSON | --smollm2-checkpoint CKPT]
     python -m bench.gpu_verify --smoke --out DIR [--small-checkpoint CKPT]   # CPU only, tiny sizes
 
@@ -67,8 +67,8 @@ from typing import Callable, Optional
 import numpy as np
 import onnxruntime as ort
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from export.legacy_gqa import write_legacy_model_dir
 from export.model_dir import build_model_dir, verification_bound
 from export.serving import half_precision

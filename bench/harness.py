@@ -313,7 +313,7 @@ def git_state() -> dict:
 async def run_all(plan: Plan, argv: list[str]) -> dict:
     from tqdm import tqdm
 
-    from export.contract import ModelCard
+    from server.contract import ModelCard
 
     card = ModelCard.load(plan.model_dir)
     top = max(plan.concurrency)

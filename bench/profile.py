@@ -108,7 +108,7 @@ def pyspy_profile(pyspy: str, system: AttnserveGrpc, seconds: float, out_file: P
 
 
 async def profile_server(args, out_dir: Path) -> list[dict]:
-    from export.contract import ModelCard
+    from server.contract import ModelCard
 
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
@@ -148,7 +148,7 @@ def ort_profile(model_dir: Path, batches=(1, 16, 64), past: int = 128, repeats: 
     """onnxruntime's own profiler on decode steps (and one 256-token prefill): time by operator type."""
     import onnxruntime as ort
 
-    from export.contract import ModelCard
+    from server.contract import ModelCard
     from server.runner import StepInputs, session_options
 
     from bench.systems import build_runner

@@ -1,4 +1,4 @@
-"""Results of one run: the issue's targets, a markdown table, PNG plots and the JSON they come from."""
+"""Results of one run: the benchmark's targets, a markdown table, PNG plots and the JSON they come from."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,7 @@ def _ratio_target(name: str, numerator: Optional[dict], denominator: Optional[di
 
 
 def targets(results: dict) -> list[dict]:
-    """The issue's targets, each a ratio of two figures measured in this run."""
+    """The benchmark's targets, each a ratio of two figures measured in this run."""
     grpc = "attnserve-grpc"
     out = [
         _ratio_target(f"gRPC ≥ 0.85 × in-process engine, output tokens/s, c={TOP}",

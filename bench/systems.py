@@ -147,7 +147,7 @@ class AttnserveGrpc(System):
     async def start(self) -> None:
         import grpc
 
-        from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+        from attnserve.v1 import generation_pb2_grpc as pb_grpc
 
         self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -185,7 +185,7 @@ class AttnserveGrpc(System):
                 await asyncio.to_thread(self.process.wait, 10)
 
     async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
-        from proto.attnserve.v1 import generation_pb2 as pb
+        from attnserve.v1 import generation_pb2 as pb
 
         message = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=request.prompt_token_ids),
                                      max_new_tokens=request.max_new_tokens, ignore_eos=True,
@@ -270,7 +270,7 @@ class AttnserveInProcess(System):
         self.engine = None
 
     async def start(self) -> None:
-        from export.contract import ModelCard
+        from server.contract import ModelCard
         from server.engine import Engine, EngineConfig
         from server.prompts import load_tokenizer
 
@@ -602,7 +602,7 @@ class OrtRecompute(StaticBatchSystem):
         self.intra_op_threads = intra_op_threads
 
     def load(self) -> None:
-        from export.contract import ModelCard
+        from server.contract import ModelCard
 
         card = ModelCard.load(self.model_dir)
         self.runner = build_runner(self.model_dir, card, self.slots, self.capacity, self.intra_op_threads)

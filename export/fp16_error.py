@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from export import contract
+from server import contract
 
 
 def measure_seeds(checkpoint: Path, seeds: int, device: str = "cpu", log=print, first_seed: int = 0) -> list[dict]:

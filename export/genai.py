@@ -56,8 +56,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from export.errors import ExportError
 
 GENAI_MODEL_FILE = "genai_model.onnx"  # beside model.onnx, so its external data path stays "model.onnx.data"

@@ -1,23 +1,20 @@
 """Maps attnserve::group_query_attention to onnxruntime's com.microsoft.GroupQueryAttention.
 
 onnx ships no schema for com.microsoft ops, so the op is declared here with a
-hand-made OpSchema listing the inputs onnxruntime 1.32 defines, in order.
-Unused optional inputs are passed as None (empty names in the node), which
-puts `query_seqlens` at index 16, where onnxruntime expects it.
+hand-made OpSchema listing the inputs onnxruntime 1.32 defines, in order
+(`contract.GQA_INPUTS`). Unused optional inputs are passed as None (empty
+names in the node), which puts `query_seqlens` at `contract.QUERY_SEQLENS_INDEX`,
+where onnxruntime expects it.
 """
 from __future__ import annotations
 
-import onnx
 import onnxscript
 from onnx.defs import OpSchema
 
+from server import contract
+
 MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
-GQA_INPUTS = (
-    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-    "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
-    "q_norm_weight", "k_norm_weight", "query_seqlens",
-)
 _REQUIRED = {"query", "seqlens_k", "total_sequence_length"}
 _INT32_INPUTS = {"seqlens_k", "total_sequence_length", "query_seqlens"}
 _INT64_INPUTS = {"position_ids"}
@@ -31,7 +28,7 @@ def _schema() -> OpSchema:
 
     return OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[param(n) for n in GQA_INPUTS],
+        inputs=[param(n) for n in contract.GQA_INPUTS],
         outputs=[OpSchema.FormalParameter(n, "T") for n in ("output", "present_key", "present_value")],
         type_constraints=[
             ("T", ["tensor(float)", "tensor(float16)"], "activations and cache"),
@@ -54,9 +51,12 @@ def group_query_attention(
     query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
     query_seqlens, num_heads: int, kv_num_heads: int,
 ):
+    given = dict(query=query, key=key, value=value, past_key=past_key, past_value=past_value,
+                 seqlens_k=seqlens_k, total_sequence_length=total_sequence_length,
+                 cos_cache=cos_cache, sin_cache=sin_cache, query_seqlens=query_seqlens)
+    # Positional, in the op's order; every input not given is skipped (None).
     return GROUP_QUERY_ATTENTION(
-        query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-        cos_cache, sin_cache, None, None, None, None, None, None, None, query_seqlens,
+        *(given.get(name) for name in contract.GQA_INPUTS),
         num_heads=num_heads, kv_num_heads=kv_num_heads,
         do_rotary=int(cos_cache is not None), rotary_interleaved=0,
         _outputs=3,

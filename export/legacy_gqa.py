@@ -33,8 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import contract
-from server.runner import QUERY_SEQLENS_INDEX
+from server import contract
 
 _PREFIX = "legacy_gqa/"
 _COPIED = (contract.TOKENIZER_FILE, contract.CARD_FILE)
@@ -64,7 +63,7 @@ def legacy_graph(model_path: Path) -> onnx.ModelProto:
     gqa = 0
     for n in graph.node:
         if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft":
-            inputs = list(n.input[:QUERY_SEQLENS_INDEX])
+            inputs = list(n.input[:contract.QUERY_SEQLENS_INDEX])
             inputs[5], inputs[6] = legacy_seqlens_k, total
             while inputs and not inputs[-1]:
                 inputs.pop()

@@ -1,4 +1,4 @@
-"""Build a model dir from a checkpoint dir: the contract of export/contract.py.
+"""Build a model dir from a checkpoint dir: the contract of server/contract.py.
 
 Everything is written into a temporary sibling folder and renamed into place
 only after the verification pass succeeds, so a failed export leaves nothing
@@ -17,9 +17,8 @@ import onnxruntime
 import torch
 from tokenizers import Tokenizer
 
-import export
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from export.errors import ExportError
 from export.genai import write_genai_files
 from export.onnx_export import export_onnx

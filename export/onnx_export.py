@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from export import contract, gqa_translation
+from export import gqa_translation
+from server import contract
 from export.serving import ServingGraph, half_precision
 from model.transformer import Transformer
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.contract import ModelCard
+from server.contract import ModelCard
 from export.errors import ExportError
 from model.transformer import Transformer
 from server.runner import ModelRunner, StepInputs

@@ -25,9 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from export import contract
-from export.contract import ModelCard
-from proto.attnserve.v1 import generation_pb2 as pb
+from server import contract
+from server.contract import ModelCard
 from server import metrics
 from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
@@ -35,7 +34,8 @@ from server.faults import FaultInjectingRunner, parse_fault_spec
 from server.kv_buffers import CacheShape
 from server.prompts import PromptCodec, load_tokenizer
 from server.runner import ModelRunner, StepInputs
-from server.service import SERVICE_NAME, GenerationService
+from server.service import SERVICE_DESCRIPTOR, SERVICE_NAME, GenerationService
+from server.types import ServedModel
 from server.validation import Limits
 
 log = logging.getLogger("attnserve")
@@ -134,6 +134,7 @@ class Server:
     engine: Engine
     health: health_aio.HealthServicer
     config: ServerConfig
+    broken: asyncio.Event  # set once the engine has broken for good
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -175,19 +176,22 @@ async def start_server(config: ServerConfig) -> Server:
         raise StartupError(f"cannot load the tokenizer or chat template of {config.model}: {e}") from None
     observer = metrics.Metrics(card, runner.provider, package_version(), config.kv_slots, capacity,
                                max_queued_requests=config.max_queued_requests)
-    observer.init_grpc_service(pb.DESCRIPTOR.services_by_name["Generation"])
+    observer.init_grpc_service(SERVICE_DESCRIPTOR)
+    # The engine thread reports a fatal break; the event loop that serve() waits on learns of it.
+    broken = asyncio.Event()
+    loop = asyncio.get_running_loop()
     engine = Engine(runner, tokenizer, card, EngineConfig(
         kv_slots=config.kv_slots, max_seq_len=capacity, prefill_chunk_tokens=config.prefill_chunk_tokens,
         prefill_tokens_per_decode_row=config.prefill_tokens_per_decode_row,
         max_queued_requests=config.max_queued_requests, stream_buffer_tokens=config.stream_buffer_tokens,
-    ), observer=observer)
+    ), observer=observer, on_fatal=lambda error: loop.call_soon_threadsafe(broken.set))
     limits = Limits(
         context=capacity, vocab_size=card.vocab_size, default_max_new_tokens=config.default_max_new_tokens,
         max_new_tokens_limit=config.max_new_tokens_limit, max_stop_strings=config.max_stop_strings,
         max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
         max_prompt_chars=codec.max_prompt_chars(capacity),
     )
-    model_info = pb.ModelInfo(
+    served = ServedModel(
         name=card.name, architecture=card.architecture, dtype=card.dtype, execution_provider=runner.provider,
         vocab_size=card.vocab_size, max_positions=card.max_positions, max_seq_len=capacity,
         kv_slots=config.kv_slots, max_new_tokens_limit=config.max_new_tokens_limit,
@@ -195,7 +199,7 @@ async def start_server(config: ServerConfig) -> Server:
         max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
         version=package_version(),
     )
-    service = GenerationService(engine, codec, limits, model_info, config.stream_stall_timeout_seconds)
+    service = GenerationService(engine, codec, limits, served, config.stream_stall_timeout_seconds)
 
     grpc_server = grpc.aio.server(
         interceptors=[observer.grpc_interceptor()],
@@ -225,7 +229,7 @@ async def start_server(config: ServerConfig) -> Server:
                            "is the port in use?") from None
     engine.start()
     await grpc_server.start()
-    server = Server(grpc_server, port, metrics_port, engine, health, config)
+    server = Server(grpc_server, port, metrics_port, engine, health, config, broken)
     await server.set_serving(True)
     return server
 
@@ -238,17 +242,15 @@ async def serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    broken = asyncio.Event()
-    server.engine.observer.on_fatal_callbacks.append(lambda error: loop.call_soon_threadsafe(broken.set))
     log.info(
         "attnserve ready: grpc %s:%d, metrics %s, model %s (%s, %s), %d KV slots x %d tokens",
         config.host, server.port, server.metrics_port if server.metrics_port >= 0 else "off",
         server.engine.card.name, server.engine.runner.provider, server.engine.card.dtype,
         config.kv_slots, server.engine.config.max_seq_len,
     )
-    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), asyncio.create_task(broken.wait())],
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), asyncio.create_task(server.broken.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)
-    if broken.is_set():
+    if server.broken.is_set():
         log.error("engine broken (%s); exiting so the orchestrator restarts the server", server.engine.broken)
         await server.set_serving(False)
         # For a moment health answers NOT_SERVING (and Generate UNAVAILABLE, which clients retry), so

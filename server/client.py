@@ -24,8 +24,8 @@ from typing import Iterator, Optional, Sequence
 
 import grpc
 
-from proto.attnserve.v1 import generation_pb2 as pb
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 
 SERVICE_CONFIG = json.dumps({
     "methodConfig": [{

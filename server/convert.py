@@ -1,15 +1,16 @@
 """The edge: protobuf messages in, core dataclasses out, and back. Nothing else touches protobuf."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Optional
 
-from proto.attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2 as pb
 from server import validation
 from server.errors import InvalidRequestError
 from server.prompts import PromptCodec
-from server.types import FinishReason, GenerationRequest, GenerationUpdate, TokenLogprob
+from server.types import FinishReason, GenerationRequest, GenerationUpdate, ServedModel, TokenLogprob
 from server.validation import Limits
 
 FINISH_REASONS = {
@@ -92,3 +93,11 @@ def unary_response(request_id: str, updates: list[GenerationUpdate]) -> pb.Gener
         usage=pb.Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
         logprobs=logprobs_to_proto(tuple(lp for u in updates for lp in u.logprobs)),
     )
+
+
+def model_info(served: ServedModel) -> pb.ModelInfo:
+    return pb.ModelInfo(**dataclasses.asdict(served))
+
+
+def tokenize_response(token_ids: list[int], tokens: list[str]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(token_ids=token_ids, tokens=tokens)

@@ -33,21 +33,21 @@ from typing import Callable, Optional
 import numpy as np
 from tokenizers import Tokenizer
 
-from export.contract import ModelCard
 from server.batch import build_step_inputs
-from server.detokenizer import IncrementalDetokenizer
+from server.contract import ModelCard
 from server.errors import DeadlineExceededError, EngineStepError, QueueFullError, ServerDrainingError
 from server.runner import ModelRunner
 from server.sampling import RequestSampler, sample_batch
 from server.scheduler import Scheduler, Sequence, StepPlan, split_into_calls
 from server.slots import SlotManager
-from server.stop_strings import StopMatcher
+from server.token_pipeline import TokenPipeline
 from server.types import FinishReason, GenerationRequest, GenerationUpdate
 
 log = logging.getLogger("attnserve.engine")
 
 UpdateCallback = Callable[[GenerationUpdate], None]
 BacklogProbe = Callable[[], int]
+FatalCallback = Callable[[BaseException], None]
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,13 @@ class RequestState:
     """Engine-thread state of one request."""
 
     def __init__(self, seq: Sequence, request: GenerationRequest, on_update: UpdateCallback,
-                 backlog: Optional[BacklogProbe], tokenizer: Tokenizer, vocab_size: int, arrived: float):
+                 backlog: Optional[BacklogProbe], sampler: RequestSampler, output: TokenPipeline, arrived: float):
         self.seq = seq
         self.request = request
         self.on_update = on_update
         self.backlog = backlog
-        self.sampler = RequestSampler(request.sampling, vocab_size, request.prompt_token_ids, request.logprobs)
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stop = StopMatcher(request.stop)
+        self.sampler = sampler
+        self.output = output
         self.arrived = arrived
         self.admitted: Optional[float] = None
         self.token_times: list[float] = []
@@ -128,12 +127,14 @@ class RequestState:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, card: ModelCard, config: EngineConfig,
-                 observer: Optional[EngineObserver] = None):
+                 observer: Optional[EngineObserver] = None, on_fatal: Optional[FatalCallback] = None):
+        """`on_fatal` is called once, on the engine thread, after the engine breaks for good (the app exits)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.card = card
         self.config = config
         self.observer = observer or EngineObserver()
+        self._on_fatal = on_fatal
         self.slots = SlotManager(config.kv_slots, config.max_seq_len)
         self.scheduler = Scheduler(self.slots, config.prefill_chunk_tokens, config.prefill_tokens_per_decode_row)
         self.eos_token_ids = frozenset(card.eos_token_ids)
@@ -249,8 +250,8 @@ class Engine:
                 continue
             started = time.monotonic()
             try:
-                logits = self._execute(plan)
-                self._update(plan, logits, started)
+                logits, calls = self._execute(plan)
+                self._update(plan, logits, calls, started)
                 failures = 0
             except Exception as e:  # a failed step fails its requests, not the server
                 failures += 1
@@ -278,7 +279,8 @@ class Engine:
             _, handle, request, on_update, backlog, arrived = command
             seq = Sequence(handle, list(request.prompt_token_ids), len(request.prompt_token_ids))
             try:
-                state = RequestState(seq, request, on_update, backlog, self.tokenizer, self.card.vocab_size, arrived)
+                state = RequestState(seq, request, on_update, backlog, self._sampler(request),
+                                     self._token_pipeline(request), arrived)
             except Exception as e:  # validation let through settings the sampler refuses: fail this request only
                 log.exception("request %s could not start", request.request_id)
                 with self._lock:
@@ -289,6 +291,14 @@ class Engine:
             self.scheduler.add(seq)
         elif command[0] == "cancel" and command[1] in self._states:
             self._finish(self._states[command[1]], FinishReason.CANCELLED)
+
+    def _sampler(self, request: GenerationRequest) -> RequestSampler:
+        return RequestSampler(request.sampling, self.card.vocab_size, request.prompt_token_ids, request.logprobs)
+
+    def _token_pipeline(self, request: GenerationRequest) -> TokenPipeline:
+        return TokenPipeline(self.tokenizer, stop=request.stop, eos_token_ids=self.eos_token_ids,
+                             ignore_eos=request.ignore_eos, max_new_tokens=request.max_new_tokens,
+                             num_prompt_tokens=len(request.prompt_token_ids), max_total_tokens=self.config.max_seq_len)
 
     def _expire_deadlines(self, now: float) -> None:
         for state in list(self._states.values()):
@@ -301,9 +311,8 @@ class Engine:
     def _pause_lagging_streams(self) -> None:
         """Pause running requests whose clients lag a full buffer behind: they keep their slot, compute nothing."""
         limit = self.config.stream_buffer_tokens
-        for seq in self.scheduler.running:
-            backlog = self._states[seq.seq_id].backlog
-            seq.paused = backlog is not None and backlog() >= limit
+        self.scheduler.set_paused(seq_id for seq_id, state in self._states.items()
+                                  if state.backlog is not None and state.backlog() >= limit)
 
     def _note_admissions(self, plan: StepPlan) -> None:
         now = time.monotonic()
@@ -314,8 +323,8 @@ class Engine:
                 with self._lock:
                     self._queued -= 1
 
-    def _execute(self, plan: StepPlan) -> dict[int, np.ndarray]:
-        """Run the plan's onnxruntime calls; returns the logits of each sampling sequence."""
+    def _execute(self, plan: StepPlan) -> tuple[dict[int, np.ndarray], int]:
+        """Run the plan's onnxruntime calls; returns the logits of each sampling sequence, and the call count."""
         logits = {}
         calls = split_into_calls(plan, self.config.call_overhead_tokens)
         for call in calls:
@@ -323,10 +332,9 @@ class Engine:
             for chunk in call.chunks:
                 if chunk.samples:
                     logits[chunk.seq.seq_id] = call_logits[chunk.slot - call.first_slot]
-        self._last_calls = len(calls)
-        return logits
+        return logits, len(calls)
 
-    def _update(self, plan: StepPlan, logits: dict[int, np.ndarray], started: float) -> None:
+    def _update(self, plan: StepPlan, logits: dict[int, np.ndarray], calls: int, started: float) -> None:
         sampling = [self._states[seq_id] for seq_id in logits]
         sampled = {}
         if sampling:
@@ -336,7 +344,6 @@ class Engine:
                     self._finish(state, error=EngineStepError(f"sampling failed: {result}"))
                 else:
                     sampled[state.seq.seq_id] = result
-        prefill_tokens = plan.num_prefill_tokens
         self.scheduler.update(plan, {seq_id: token for seq_id, (token, _) in sampled.items()})
         now = time.monotonic()
         for state in sampling:
@@ -349,11 +356,12 @@ class Engine:
                 log.exception("request %s failed after sampling", state.request.request_id)
                 if state.seq.seq_id in self._states:
                     self._finish(state, error=EngineStepError(f"request failed: {e}"))
+        stats = self.scheduler.stats()
         self._observe("on_step", StepReport(
-            started=started, duration_s=now - started, prefill_tokens=prefill_tokens,
-            decode_tokens=plan.num_tokens - prefill_tokens, calls=self._last_calls,
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            slots_in_use=self.slots.in_use, tokens_in_use=sum(s.num_computed for s in self.scheduler.running),
+            started=started, duration_s=now - started, prefill_tokens=plan.num_prefill_tokens,
+            decode_tokens=plan.num_tokens - plan.num_prefill_tokens, calls=calls,
+            running=stats.running, waiting=stats.waiting, slots_in_use=stats.slots_in_use,
+            tokens_in_use=stats.tokens_in_use,
         ))
 
     @staticmethod
@@ -375,28 +383,14 @@ class Engine:
     def _advance(self, state: RequestState, token: int, logprob, now: float) -> None:
         """Stream one new token of a request and finish it when a stop condition holds."""
         state.token_times.append(now)
-        seq, request = state.seq, state.request
-        reason, text = None, ""
-        if token in self.eos_token_ids and not request.ignore_eos:
-            reason = FinishReason.EOS
-        else:
-            text, stopped = state.stop.push(state.detokenizer.push(token))
-            if stopped:
-                reason = FinishReason.STOP
-            elif seq.num_generated >= request.max_new_tokens or len(seq.token_ids) >= self.config.max_seq_len:
-                reason = FinishReason.LENGTH
-        if reason in (FinishReason.EOS, FinishReason.LENGTH):
-            # Text held back (an incomplete character, a possible stop-string prefix) is due now.
-            tail, stopped = state.stop.push(state.detokenizer.flush())
-            text += tail if stopped else tail + state.stop.flush()
-            reason = FinishReason.STOP if stopped else reason
-        streamed = (token,) if reason is not FinishReason.EOS else ()
-        if streamed or text:
+        out = state.output.push(token)
+        if out.token_ids or out.text:
             self._send(state.on_update, GenerationUpdate(
-                token_ids=streamed, text=text, logprobs=(logprob,) if logprob is not None and streamed else (),
+                token_ids=out.token_ids, text=out.text,
+                logprobs=(logprob,) if logprob is not None and out.token_ids else (),
             ))
-        if reason is not None:
-            self._finish(state, reason)
+        if out.finish_reason is not None:
+            self._finish(state, out.finish_reason)
 
     def _finish(self, state: RequestState, reason: Optional[FinishReason] = None,
                 error: Optional[BaseException] = None) -> None:
@@ -407,6 +401,7 @@ class Engine:
         self.scheduler.remove(seq)
         del self._states[seq.seq_id]
         completion = seq.num_generated
+        stats = self.scheduler.stats()
         self._send(state.on_update, GenerationUpdate(
             finish_reason=reason, error=error, prompt_tokens=seq.num_prompt_tokens, completion_tokens=completion,
         ))
@@ -414,8 +409,8 @@ class Engine:
             finish_reason=reason, error=str(error) if error else None, arrived=state.arrived,
             admitted=state.admitted, first_token=state.token_times[0] if state.token_times else None,
             finished=time.monotonic(), prompt_tokens=seq.num_prompt_tokens, completion_tokens=completion,
-            token_times=state.token_times, running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting), slots_in_use=self.slots.in_use,
+            token_times=state.token_times, running=stats.running, waiting=stats.waiting,
+            slots_in_use=stats.slots_in_use,
         ))
         self._update_idle()
 
@@ -452,3 +447,8 @@ class Engine:
             log.exception("could not fail every request of the broken engine")
         finally:
             self._observe("on_fatal", error)
+            if self._on_fatal is not None:
+                try:
+                    self._on_fatal(error)
+                except Exception:
+                    log.exception("the on_fatal callback failed")

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from export import contract
+from server import contract
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEVICE_TYPES = ("cpu", "cuda")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import grpc
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
                                start_http_server)
 
-from export.contract import ModelCard
+from server.contract import ModelCard
 from server.engine import EngineObserver, RequestReport, StepReport
 
 # Buckets (upper bounds), chosen for this workload; docs/metrics.md gives the reasoning.
@@ -51,7 +51,6 @@ class Metrics(EngineObserver):
                  max_queued_requests: int):
         self.registry = registry = CollectorRegistry()
         self.model = card.name
-        self.on_fatal_callbacks: list[Callable[[BaseException], None]] = []
         m = ["model"]
 
         def histogram(name, doc, buckets, labels=()):
@@ -162,10 +161,6 @@ class Metrics(EngineObserver):
 
     def on_step_failed(self, error: BaseException) -> None:
         self.step_failures.labels(self.model).inc()
-
-    def on_fatal(self, error: BaseException) -> None:
-        for callback in self.on_fatal_callbacks:
-            callback(error)
 
     # ---- gRPC ------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from server.chat import ROLES, ChatTemplate, ChatTemplateError
 from server.errors import InvalidRequestError
 

@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from server.kv_buffers import CacheShape, KVBuffers
 
 log = logging.getLogger("attnserve.runner")
@@ -37,7 +37,6 @@ ONNX_CACHE_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 # bf16 kernels only: in an fp32 graph the CUDA EP leaves attention to the CPU EP, which
 # copies every layer's KV cache to the host and back on every step.
 DEVICE_DTYPES = {"cpu": ("float32", "float16"), "cuda": ("float16",)}
-QUERY_SEQLENS_INDEX = 16  # GroupQueryAttention's input index of query_seqlens (onnxruntime >= 1.32)
 
 
 class RunnerError(Exception):
@@ -64,7 +63,7 @@ def onnxruntime_has_query_seqlens() -> bool:
 
     schemas = [s for s in _pybind_state.get_all_operator_schema()
                if s.name == "GroupQueryAttention" and s.domain == "com.microsoft"]
-    return bool(schemas) and len(schemas[0].inputs) > QUERY_SEQLENS_INDEX
+    return bool(schemas) and len(schemas[0].inputs) > contract.QUERY_SEQLENS_INDEX
 
 
 def resolve_device(device: str, available: Optional[Sequence[str]] = None) -> str:

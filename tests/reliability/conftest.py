@@ -1,4 +1,4 @@
-"""Servers under load, faults and hostile input (issue 6). Knobs and helpers: helpers.py."""
+"""Servers under load, faults and hostile input (docs/reliability.md). Knobs and helpers: helpers.py."""
 from __future__ import annotations
 
 import sys

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import grpc
 
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 
 # A block of 20 arrivals holds exactly these kinds, shuffled, so every window of the soak sees the same mix:

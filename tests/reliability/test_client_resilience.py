@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import AttnserveClient, build_request
 from tests.reliability.helpers import slow_reader_channel, wait_for_no_work, wait_until
 from tests.server.conftest import ServerProcess

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from export.contract import ModelCard
+from server.contract import ModelCard
 from server.client import build_request
 from server import engine as engine_module
 from server.engine import Engine, EngineConfig, EngineObserver

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.attnserve.v1 import generation_pb2 as pb
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 from tests.reliability.helpers import FIGURES, FUZZ_EXAMPLES, wait_for_no_work
 from tests.server.conftest import ServerProcess

@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 from tests.reliability.helpers import FIGURES, wait_for_no_work
 

@@ -16,8 +16,8 @@ import time
 import grpc
 import pytest
 
-from proto.attnserve.v1 import generation_pb2 as pb
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 from server.service import LoopMailbox, OutputStream
 from server.types import FinishReason, GenerationUpdate

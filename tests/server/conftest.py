@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proto.attnserve.v1 import generation_pb2_grpc as pb_grpc
+from attnserve.v1 import generation_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off)")

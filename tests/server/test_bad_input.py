@@ -7,7 +7,7 @@ import math
 import grpc
 import pytest
 
-from proto.attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from proto.attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2 as pb
 from server.runner import ModelRunner, RunnerError, device_for_dtype, resolve_device, session_providers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +100,7 @@ def test_session_providers_per_device_and_dtype():
 
 
 def test_runner_refuses_cuda_here_and_runs_on_cpu_for_auto(test_model_dir):
-    from export.contract import ModelCard
+    from server.contract import ModelCard
 
     card = ModelCard.load(test_model_dir)
     with pytest.raises(RunnerError, match=CUDA):
@@ -112,7 +112,7 @@ def test_runner_refuses_cuda_here_and_runs_on_cpu_for_auto(test_model_dir):
 def test_a_model_dir_whose_graph_disagrees_with_its_card_dtype_is_refused(test_fp16_model_dir):
     import dataclasses
 
-    from export.contract import ModelCard
+    from server.contract import ModelCard
 
     card = dataclasses.replace(ModelCard.load(test_fp16_model_dir), dtype="float32")
     with pytest.raises(RunnerError, match="float16.*re-export"):

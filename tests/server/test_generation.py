@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.contract import ModelCard
+from server.contract import ModelCard
 from model import load_checkpoint
-from proto.attnserve.v1 import generation_pb2 as pb
+from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
 
 

@@ -12,8 +12,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from export import contract
-from export.contract import ModelCard
+from server import contract
+from server.contract import ModelCard
 from server.kv_buffers import CacheShape, KVBuffers
 from server.runner import ModelRunner, StepInputs, bind_step
 

@@ -16,8 +16,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.contract import ModelCard
-from proto.attnserve.v1 import generation_pb2 as pb
+from server.contract import ModelCard
+from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
 from server.engine import RequestReport, StepReport
 from server.metrics import Metrics

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from server.scheduler import Chunk, Scheduler, Sequence, StepPlan, split_into_calls
+from server.scheduler import Chunk, Scheduler, SchedulerStats, Sequence, StepPlan, split_into_calls
 from server.slots import SlotManager
 
 
@@ -86,12 +86,36 @@ def test_paused_sequence_keeps_its_slot_but_is_not_decoded():
     for x in seqs:
         s.add(x)
     run_step(s)
-    seqs[2].paused = True
+    s.set_paused({seqs[2].seq_id})
     plan = run_step(s)
     assert [c.seq for c in plan.chunks] == seqs[:2]
-    assert plan.rows == 2 and seqs[2].slot == 2 and s.slots.in_use == 3
-    seqs[2].paused = False
+    assert plan.rows == 2 and seqs[2].slot == 2 and s.stats().slots_in_use == 3
+    s.set_paused(())
     assert [c.seq for c in run_step(s).chunks] == seqs
+
+
+def test_a_plan_reads_the_same_after_update():
+    s = make(slots=4, budget=8)
+    prompt, decoding = seq(0, 6), seq(1, 2)
+    s.add(decoding)
+    run_step(s)  # `decoding` prefills and samples its first token
+    s.add(prompt)
+    plan = s.schedule()
+    before = [(c.seq.seq_id, c.start, c.length, c.samples, c.prefill) for c in plan.chunks]
+    assert before == [(1, 2, 1, True, False), (0, 0, 6, True, True)]
+    assert plan.num_prefill_tokens == 6
+    s.update(plan, {0: 7, 1: 7})
+    assert [(c.seq.seq_id, c.start, c.length, c.samples, c.prefill) for c in plan.chunks] == before
+    assert plan.num_prefill_tokens == 6
+
+
+def test_stats_count_running_waiting_slots_and_cached_tokens():
+    s = make(slots=2, budget=100)
+    for i, length in enumerate((3, 5, 4)):
+        s.add(seq(i, length))
+    assert s.stats() == SchedulerStats(running=0, waiting=3, slots_in_use=0, tokens_in_use=0)
+    run_step(s)
+    assert s.stats() == SchedulerStats(running=2, waiting=1, slots_in_use=2, tokens_in_use=3 + 5)
 
 
 def test_random_workload_invariants():
@@ -123,17 +147,17 @@ def test_random_workload_invariants():
 
 def _chunk(slot, length, prompt_len=100):
     x = Sequence(slot, list(range(prompt_len + 1)), prompt_len, slot=slot, num_computed=prompt_len + 1 - length)
-    return Chunk(x, slot, x.num_computed, length)
+    return Chunk.next_of(x, length)
 
 
 def test_split_into_calls_keeps_cheap_mixes_together():
-    plan = StepPlan([_chunk(0, 1), _chunk(1, 1), _chunk(2, 3)], rows=3)
+    plan = StepPlan((_chunk(0, 1), _chunk(1, 1), _chunk(2, 3)), rows=3)
     calls = split_into_calls(plan, call_overhead_tokens=32)
     assert len(calls) == 1 and calls[0].rows == 3 and calls[0].width == 3
 
 
 def test_split_into_calls_separates_long_prefill_from_many_decode_rows():
-    plan = StepPlan([_chunk(i, 1) for i in range(16)] + [_chunk(16, 256)], rows=17)
+    plan = StepPlan(tuple(_chunk(i, 1) for i in range(16)) + (_chunk(16, 256),), rows=17)
     calls = split_into_calls(plan, call_overhead_tokens=32)
     assert [(c.first_slot, c.rows, c.width) for c in calls] == [(0, 16, 1), (16, 1, 256)]
 

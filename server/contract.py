@@ -1,8 +1,9 @@
 """The serving-graph contract between export/ and server/: names and the model card.
 
-Pure Python (no torch, no onnxruntime): the exporter writes graphs with these
-names, the server binds them, and the model card (`attnserve.json`) records
-them so that a server can refuse a model dir that disagrees.
+A leaf module: pure Python, importing nothing of attnserve's and no torch,
+onnx or onnxruntime. The exporter writes graphs with these names, the server
+binds them, and the model card (`attnserve.json`) records them so that a
+server can refuse a model dir that disagrees.
 
 Per call, B = KV slots in the call, S = padded chunk length, M = slot capacity:
 
@@ -35,6 +36,16 @@ SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 QUERY_SEQLENS = "query_seqlens"
 LOGITS = "logits"
+
+# com.microsoft.GroupQueryAttention's inputs, in onnxruntime 1.32's order. Optional inputs the
+# serving graph skips are left empty in the node, so an input's index in this list is its
+# position in every GroupQueryAttention node. Builds before 1.32 define only the first 16.
+GQA_INPUTS = (
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+    "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
+    "q_norm_weight", "k_norm_weight", "query_seqlens",
+)
+QUERY_SEQLENS_INDEX = GQA_INPUTS.index("query_seqlens")
 
 
 def past_key(layer: int) -> str:

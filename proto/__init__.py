@@ -1,1 +1,0 @@
-"""The attnserve wire API (generated modules come from `make proto`)."""
