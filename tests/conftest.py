@@ -1,10 +1,17 @@
 """Fixtures shared by the whole suite."""
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Test modules import shared helpers as `tests.…` (tests/server/helpers.py and the like), from any directory.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 # Idle OpenMP threads sleep instead of spinning. Set before anything imports torch (its
 # libgomp reads this once, when loaded); subprocesses inherit it. Measured on this shared
@@ -81,15 +88,39 @@ def test_fp16_model_dir(tmp_path_factory, test_checkpoint) -> Path:
     return out
 
 
+# The Hugging Face libraries' offline switch, for what reads SmolLM2 and tiny references from local files:
+# transformers then never asks the Hub (there is no network here, and a request would wait for a timeout).
+HF_OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def hf_offline():
+    """HF_HUB_OFFLINE=1 for one module's tests and the processes they start; undone when the module ends.
+
+    huggingface_hub reads the variable once, when imported, into huggingface_hub.constants.HF_HUB_OFFLINE
+    (which transformers asks at each download): that is set too, and put back afterwards.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        try:  # imported before the variable is set, so that what is put back is the session's own setting
+            constants = importlib.import_module("huggingface_hub.constants")
+        except ImportError:
+            constants = None
+        if constants is not None:
+            patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        for name, value in HF_OFFLINE.items():
+            patch.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_model_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its GGUF and exported, through the CLI a newcomer uses."""
     import subprocess
-    import sys
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    # Offline: transformers converts the GGUF's tokenizer from the local file.
     result = subprocess.run([sys.executable, "-m", "export", "--preset", "smollm2-135m-instruct", "--out", str(out)],
-                            capture_output=True, text=True, timeout=1200)
+                            capture_output=True, text=True, timeout=1200, env={**os.environ, **HF_OFFLINE})
     assert result.returncode == 0, result.stdout + result.stderr
     print(result.stdout)
     return out

@@ -3,12 +3,10 @@ address its target resolves to (the headless Service's pods); with gRPC's defaul
 Two real servers stand in for two pods, a static address list for the Service's DNS records."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from server.client import AttnserveClient
-from tests.server.conftest import ServerProcess
+from tests.server.helpers import ServerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +17,13 @@ def calls_per_server(servers, options) -> list[float]:
     with AttnserveClient(target, timeout=30, options=options) as client:
         for _ in range(12):
             client.generate(prompt_token_ids=[5, 6, 7], max_new_tokens=2)
-    time.sleep(0.3)  # the engine reports a request just after its answer
-    return [s.metric("attnserve_requests_finished_total") - b for s, b in zip(servers, before)]
+
+    def counted():
+        return [s.metric("attnserve_requests_finished_total") - b for s, b in zip(servers, before)]
+
+    # The engine reports a request just after its answer: wait until all 12 are counted, on whichever server.
+    wait_until(lambda: sum(counted()) >= 12, 30, lambda: f"{counted()} of 12 requests counted")
+    return counted()
 
 
 def test_round_robin_spreads_calls_over_every_pod(test_model_dir):

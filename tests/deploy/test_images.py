@@ -85,7 +85,7 @@ sys.meta_path.insert(0, _Blocked())
 
 @pytest.mark.slow
 def test_server_and_healthcheck_run_where_torch_cannot_be_imported(test_model_dir, tmp_path, monkeypatch):
-    from tests.server.conftest import ServerProcess
+    from tests.server.helpers import ServerProcess
     from server.client import AttnserveClient
 
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TRAINING_IMPORTS.format(names=set(TRAINING_ONLY)))

@@ -29,7 +29,7 @@ from server.contract import ModelCard
 from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
 from tests.deploy.helpers import DEPLOY, dashboard_targets, load_dashboard, load_rules_spec, run, tool
-from tests.server.conftest import ServerProcess
+from tests.server.helpers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -1,11 +1,7 @@
 """Importers: SmolLM2's GGUF against transformers' own loader, tiny Llama round trips (HF and GGUF), bad inputs."""
 import json
-import os
 import shutil
 from pathlib import Path
-
-# Before transformers is imported anywhere: references load from local files only, never from the Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gguf
 import numpy as np
@@ -28,6 +24,9 @@ SMOLLM2_PROMPTS = [
 ]
 TINY_CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
 
+# References load from local files only, never from the Hub (tests/conftest.py's hf_offline, undone after this module).
+pytestmark = pytest.mark.usefixtures("hf_offline")
+
 
 def max_logit_diff(ours: torch.nn.Module, reference: torch.nn.Module, ids: list[int]) -> float:
     input_ids = torch.tensor([ids])  # (1, T)
@@ -48,7 +47,7 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def transformers_smollm2(smollm2_gguf):
+def transformers_smollm2(smollm2_gguf, hf_offline):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = dict(gguf_file=smollm2_gguf.name, local_files_only=True)

@@ -1,8 +1,6 @@
 """The SmolLM2 export answers like transformers' own load of the same GGUF (slow: a real 135M model)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from server.contract import ModelCard
@@ -10,12 +8,12 @@ from export.verify import GREEDY_TOKENS, Row, step
 from server.prompts import load_tokenizer
 from server.runner import ModelRunner
 
-pytestmark = pytest.mark.slow
+# transformers loads the reference from the local GGUF only, never from the Hub (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hf_offline")]
 PROMPT = "The capital of France is"
 
 
 def test_smollm2_greedy_continuation_equals_transformers_generate(smollm2_model_dir):
-    os.environ["HF_HUB_OFFLINE"] = "1"
     transformers = pytest.importorskip("transformers")
     import torch
 

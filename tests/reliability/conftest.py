@@ -12,7 +12,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests.reliability.helpers import FIGURES  # noqa: E402
-from tests.server.conftest import ServerProcess  # noqa: E402
+from tests.server.helpers import ServerProcess  # noqa: E402
 
 
 @pytest.fixture

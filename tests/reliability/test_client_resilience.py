@@ -13,7 +13,7 @@ import pytest
 from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import AttnserveClient, build_request
 from tests.reliability.helpers import slow_reader_channel, wait_for_no_work, wait_until
-from tests.server.conftest import ServerProcess
+from tests.server.helpers import ServerProcess
 
 
 def _free_port() -> int:

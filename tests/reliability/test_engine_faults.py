@@ -141,10 +141,10 @@ def make_engine(test_model_dir):
     tokenizer = load_tokenizer(test_model_dir)
     engines = []
 
-    def make(observer=None, runner=None, **config):
+    def make(observer=None, runner=None, on_fatal=None, **config):
         settings = dict(kv_slots=2, max_seq_len=256, prefill_chunk_tokens=64, max_queued_requests=8) | config
         engine = Engine(runner or ZeroLogitsRunner(card.vocab_size), tokenizer, card, EngineConfig(**settings),
-                        observer=observer)
+                        observer=observer, on_fatal=on_fatal)
         engine.start()
         engines.append(engine)
         return engine
@@ -187,18 +187,19 @@ def test_a_failing_stream_callback_does_not_stop_the_engine(make_engine):
 
 
 def test_a_bug_outside_any_step_breaks_the_engine_loudly(make_engine):
-    fatal = []
+    observed, told = [], []
 
     class Observer(EngineObserver):
         def on_fatal(self, error):
-            fatal.append(error)
+            observed.append(error)
 
-    engine = make_engine(Observer())
+    engine = make_engine(Observer(), on_fatal=told.append)
     waiting = Collector()
     engine.scheduler.schedule = lambda: (_ for _ in ()).throw(RuntimeError("scheduler bug"))
     engine.submit(_request(), waiting)
     assert isinstance(waiting.final.error, Exception) and "scheduler bug" in str(waiting.final.error)
-    wait_until(lambda: fatal, 5, "on_fatal was never called")
+    wait_until(lambda: told, 5, "the engine's on_fatal callback was never called")
+    assert len(told) == 1 and "scheduler bug" in str(told[0]) and observed == told
     with pytest.raises(Exception, match="shutting down"):
         engine.submit(_request(), Collector())
 

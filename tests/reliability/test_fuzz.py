@@ -18,7 +18,7 @@ from attnserve.v1 import generation_pb2 as pb
 from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 from tests.reliability.helpers import FIGURES, FUZZ_EXAMPLES, wait_for_no_work
-from tests.server.conftest import ServerProcess
+from tests.server.helpers import ServerProcess
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FUZZ_SETTINGS = settings(

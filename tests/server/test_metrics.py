@@ -223,7 +223,11 @@ async def _abort(request, context):
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad")
 
 
+slow_started: list[float] = []  # when each call of _slow reached its handler
+
+
 async def _slow(request, context):
+    slow_started.append(time.perf_counter())
     await asyncio.sleep(5)
     return b"late"
 
@@ -310,8 +314,10 @@ async def _drive_every_kind_of_rpc(m: Metrics) -> dict[str, grpc.StatusCode]:
             for name in ("Ok", "Abort", "Raise"):
                 seen[name] = await unary(name)
             seen["Slow/deadline"] = await unary("Slow", timeout=0.3)
+            slow_calls = len(slow_started)
             slow = channel.unary_unary("/test.Probe/Slow")(b"", timeout=5)
-            await asyncio.sleep(0.3)
+            await _until(lambda: len(slow_started) > slow_calls)  # the call reached its handler
+            await asyncio.sleep(0.3)  # and ran there 0.3 s at least (handling_seconds_sum below)
             slow.cancel()
             seen["Slow/cancel"] = grpc.StatusCode.CANCELLED
             seen["StreamOk"] = await stream("StreamOk")
@@ -325,10 +331,23 @@ async def _drive_every_kind_of_rpc(m: Metrics) -> dict[str, grpc.StatusCode]:
             echoed = [r async for r in channel.stream_stream("/test.Probe/Echo")(iter([b"a", b"b"]), timeout=5)]
             seen["Echo"] = grpc.StatusCode.OK if echoed == [b"a", b"b"] else None
             seen["Missing"] = await unary("Missing")
-            await asyncio.sleep(0.5)  # cancelled handlers record when their task unwinds
+            # Cancelled handlers record when their task unwinds: wait until each call that reached a handler
+            # (every entry of `seen` but Missing) is counted.
+            await _until(lambda: _handled_total(m) >= len(seen) - 1)
     finally:
         await server.stop(0)
     return seen
+
+
+async def _until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def _handled_total(m: Metrics) -> float:
+    return sum(s.value for f in m.registry.collect() if f.name == "attnserve_grpc_server_handled"
+               for s in f.samples if s.name.endswith("_total"))
 
 
 def test_interceptor_counts_each_rpc_under_the_code_its_client_saw():

@@ -10,11 +10,12 @@ import pytest
 
 from server.client import build_request
 
-pytestmark = pytest.mark.slow
+# The server and client processes inherit HF_HUB_OFFLINE=1 (tests/conftest.py): nothing here may ask the Hub.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hf_offline")]
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(smollm2_model_dir, server_class):
+def smollm2_server(smollm2_model_dir, server_class, hf_offline):
     server = server_class(smollm2_model_dir, "--kv-slots", "8", "--max-seq-len", "512", "--prefill-chunk-tokens", "128")
     yield server
     server.stop()
