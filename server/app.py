@@ -3,7 +3,9 @@
     ServerConfig ─► ModelCard + ModelRunner (onnxruntime, KV buffers) ─► Engine thread
                                                                             ▲ submit / cancel
     grpc.aio server: Generation service, grpc.health.v1.Health, reflection ─┘
-    prometheus /metrics (server/metrics.py observes the engine)
+        (TLS or mutual TLS and API keys from server/security.py, when configured)
+    prometheus /metrics (server/metrics.py observes the engine; TLS like gRPC)
+    optional plaintext health-only listener (--health-port) for probes that cannot speak mutual TLS
 
 Shutdown: health turns NOT_SERVING, new requests get UNAVAILABLE, accepted
 requests finish within --drain-grace-seconds, then the process exits 0. An
@@ -18,6 +20,7 @@ import signal
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -33,7 +36,9 @@ from server.engine import Engine, EngineConfig
 from server.faults import FaultInjectingRunner, parse_fault_spec
 from server.kv_buffers import CacheShape
 from server.prompts import PromptCodec, load_tokenizer
+from server.grpc_auth import ApiKeyInterceptor
 from server.runner import ModelRunner, StepInputs
+from server.security import Security, SecurityError
 from server.service import SERVICE_DESCRIPTOR, SERVICE_NAME, GenerationService
 from server.types import ServedModel
 from server.validation import Limits
@@ -135,6 +140,15 @@ class Server:
     health: health_aio.HealthServicer
     config: ServerConfig
     broken: asyncio.Event  # set once the engine has broken for good
+    security: Security
+    health_server: Optional[grpc.aio.Server] = None  # the plaintext health-only listener, if any
+    health_port: int = -1
+
+    async def stop_listeners(self, grace: float) -> None:
+        self.security.stop_reloading()
+        if self.health_server is not None:
+            await self.health_server.stop(grace=grace)
+        await self.grpc_server.stop(grace=grace)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -151,10 +165,14 @@ class Server:
         if not finished:
             log.warning("drain grace of %.0f s passed; cancelling the requests still running", grace)
         await loop.run_in_executor(None, self.engine.stop)
-        await self.grpc_server.stop(grace=1.0)
+        await self.stop_listeners(grace=1.0)
 
 
 async def start_server(config: ServerConfig) -> Server:
+    try:
+        security = Security(config)
+    except SecurityError as e:
+        raise StartupError(str(e)) from None
     card = load_card(config.model)
     capacity = min(config.max_seq_len, card.max_positions)
     check_kv_memory(CacheShape(card.n_layers, config.kv_slots, card.n_kv_heads, capacity, card.head_dim, card.dtype),
@@ -201,8 +219,12 @@ async def start_server(config: ServerConfig) -> Server:
     )
     service = GenerationService(engine, codec, limits, served, config.stream_stall_timeout_seconds)
 
+    # The metrics interceptor comes first, so it also counts the calls the API-key check refuses.
+    interceptors = [observer.grpc_interceptor()]
+    if security.keys is not None:
+        interceptors.append(ApiKeyInterceptor(security.keys, security.open_services, observer.on_api_key_checked))
     grpc_server = grpc.aio.server(
-        interceptors=[observer.grpc_interceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
@@ -219,17 +241,31 @@ async def start_server(config: ServerConfig) -> Server:
         grpc_server,
     )
     try:
-        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+        port = security.add_port(grpc_server, f"{config.host}:{config.port}")
     except RuntimeError as e:
         raise StartupError(f"cannot listen on {config.host}:{config.port} ({e}); is the port in use?") from None
     try:
-        metrics_port = observer.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else -1
+        metrics_port = observer.serve(config.host, config.metrics_port, security.http_ssl_context(),
+                                      security.metrics_key_check()) if config.metrics_port >= 0 else -1
     except OSError as e:
         raise StartupError(f"cannot serve metrics on {config.host}:{config.metrics_port} ({e.strerror or e}); "
                            "is the port in use?") from None
+    health_server, health_port = None, -1
+    if config.health_port >= 0:
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)  # the same servicer: the same status
+        try:
+            health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {config.host}:{config.health_port} for health ({e}); "
+                               "is the port in use?") from None
     engine.start()
     await grpc_server.start()
-    server = Server(grpc_server, port, metrics_port, engine, health, config, broken)
+    if health_server is not None:
+        await health_server.start()
+    security.start_reloading()
+    server = Server(grpc_server, port, metrics_port, engine, health, config, broken, security, health_server,
+                    health_port)
     await server.set_serving(True)
     return server
 
@@ -243,8 +279,9 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "attnserve ready: grpc %s:%d, metrics %s, model %s (%s, %s), %d KV slots x %d tokens",
+        "attnserve ready: grpc %s:%d, metrics %s, health %s, %s, model %s (%s, %s), %d KV slots x %d tokens",
         config.host, server.port, server.metrics_port if server.metrics_port >= 0 else "off",
+        server.health_port if server.health_port >= 0 else "on the grpc port", server.security.mode,
         server.engine.card.name, server.engine.runner.provider, server.engine.card.dtype,
         config.kv_slots, server.engine.config.max_seq_len,
     )
@@ -256,7 +293,7 @@ async def serve(config: ServerConfig) -> int:
         # For a moment health answers NOT_SERVING (and Generate UNAVAILABLE, which clients retry), so
         # probes and load balancers learn why before the process is gone; stop() refuses new RPCs at once.
         await asyncio.sleep(BROKEN_NOT_SERVING_SECONDS)
-        await server.grpc_server.stop(grace=1.0)
+        await server.stop_listeners(grace=1.0)
         return 1
     log.info("shutting down: draining accepted requests (grace %.0f s)", config.drain_grace_seconds)
     await server.drain_and_stop()

@@ -14,12 +14,19 @@ below: 5 attempts, at most 1.5 s of backoff between them in all. A server not up
 yet fails a call at once unless the client waits for it (`wait_for_ready=True`,
 `--wait-for-ready`), and then only until the call's deadline. Every call
 carries its deadline (`timeout`), retries and waiting included.
+
+A server with TLS takes `ca_file` (the CA that signed its certificate; the
+system's roots when omitted and `tls=True`), mutual TLS also `cert_file` and
+`key_file`, and one with API keys `api_key` (or ATTNSERVE_API_KEY), sent as
+`authorization: Bearer KEY` with every call.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import grpc
@@ -66,19 +73,38 @@ def build_request(prompt: Optional[str] = None, messages: Optional[Sequence[tupl
     return request
 
 
+def channel_credentials(ca_file: Optional[str] = None, cert_file: Optional[str] = None,
+                        key_file: Optional[str] = None) -> grpc.ChannelCredentials:
+    """TLS credentials: trust `ca_file` (or the system's roots), and present a client certificate if given."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs both cert_file and key_file")
+
+    def read(path):
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+
+
 class AttnserveClient:
     def __init__(self, target: str = "localhost:50051", timeout: Optional[float] = None,
-                 options: Sequence[tuple] = (), wait_for_ready: bool = False):
+                 options: Sequence[tuple] = (), wait_for_ready: bool = False, tls: bool = False,
+                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 api_key: Optional[str] = None):
         self.timeout = timeout  # seconds per call; None = no deadline
         self.wait_for_ready = wait_for_ready  # wait (until the deadline) for a server that is not up, not fail
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG), *options,
-        ])
+        api_key = api_key if api_key is not None else os.environ.get("ATTNSERVE_API_KEY")
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG), *options]
+        if tls or ca_file or cert_file:
+            self.channel = grpc.secure_channel(target, channel_credentials(ca_file, cert_file, key_file), options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def _call_options(self, kwargs: dict) -> dict:
         return {"timeout": kwargs.pop("timeout", self.timeout),
-                "wait_for_ready": kwargs.pop("wait_for_ready", self.wait_for_ready)}
+                "wait_for_ready": kwargs.pop("wait_for_ready", self.wait_for_ready),
+                "metadata": self.metadata}
 
     def generate(self, prompt: Optional[str] = None, **kwargs) -> pb.GenerateResponse:
         options = self._call_options(kwargs)
@@ -89,7 +115,7 @@ class AttnserveClient:
         return self.stub.GenerateStream(build_request(prompt, **kwargs), **options)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=self.wait_for_ready)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._call_options({}))
 
     def close(self) -> None:
         self.channel.close()
@@ -117,13 +143,20 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds [120]")
     parser.add_argument("--wait-for-ready", action="store_true",
                         help="wait for a server that is not up yet (until the deadline) instead of failing at once")
+    parser.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs (implied by --ca-file)")
+    parser.add_argument("--ca-file", help="PEM CA that signed the server's certificate")
+    parser.add_argument("--cert-file", help="PEM client certificate, for a server with mutual TLS")
+    parser.add_argument("--key-file", help="PEM key of --cert-file")
+    parser.add_argument("--api-key", help="API key, sent as `authorization: Bearer KEY` [env ATTNSERVE_API_KEY]")
     args = parser.parse_args(argv)
 
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
     try:
-        with AttnserveClient(args.target, timeout=args.timeout, wait_for_ready=args.wait_for_ready) as client:
+        with AttnserveClient(args.target, timeout=args.timeout, wait_for_ready=args.wait_for_ready, tls=args.tls,
+                             ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                             api_key=args.api_key) as client:
             last = None
             for last in client.stream(
                 None if args.chat else args.prompt, messages=messages, max_new_tokens=args.max_new_tokens,
@@ -141,6 +174,9 @@ def main(argv=None) -> int:
     except grpc.RpcError as e:
         print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:  # an unreadable certificate or key file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -51,6 +51,23 @@ class ServerConfig:
         64, "tokens a request may generate ahead of its client; then it pauses, keeping its KV slot, until the client reads")
     stream_stall_timeout_seconds: float = _option(
         30.0, "a request whose client has taken none of its output for this long is cancelled and its KV slot freed")
+    tls_cert_file: str = _option("", "PEM certificate (chain) for TLS on every listener; with --tls-key-file, "
+                                 "gRPC and metrics speak TLS only")
+    tls_key_file: str = _option("", "PEM private key of --tls-cert-file (unencrypted)")
+    tls_client_ca_file: str = _option("", "PEM CA: require client certificates signed by it on every TLS listener "
+                                      "(mutual TLS)")
+    tls_reload_interval_seconds: float = _option(
+        10.0, "how often rotated certificate, key and API-key files are picked up (new connections use them)")
+    api_keys_file: str = _option("", "API keys, one per line (the key, or sha256:HEX of it); clients send "
+                                 "`authorization: Bearer KEY`; re-read when it changes")
+    api_keys: str = _option("", "API keys, comma-separated (an environment variable only, never a flag: "
+                            "command lines are visible to every user of the machine)", env_only=True)
+    health_needs_api_key: str = _option("off", "on: grpc.health also needs an API key", choices=("on", "off"))
+    reflection_needs_api_key: str = _option("off", "on: server reflection also needs an API key", choices=("on", "off"))
+    metrics_needs_api_key: str = _option("off", "on: /metrics also needs an API key (Prometheus: "
+                                         "`authorization: {credentials_file: ...}`)", choices=("on", "off"))
+    health_port: int = _option(-1, "a plaintext listener serving only grpc.health.v1, for probes that cannot "
+                               "speak (mutual) TLS; 0 picks a free one, -1 disables it")
     fault_injection: str = _option(
         "", "for reliability tests only: 'run:N' makes the Nth model run raise, 'run:N+' every run from the Nth on")
     log_level: str = _option("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -67,8 +84,20 @@ class ServerConfig:
             problems.append(f"--prefill-tokens-per-decode-row must be at least 0, got {self.prefill_tokens_per_decode_row}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
-        if not -1 <= self.metrics_port <= 65535:
-            problems.append(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
+        for name in ("metrics_port", "health_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                problems.append(f"--{name.replace('_', '-')} must be in [-1, 65535], got {getattr(self, name)}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("--tls-cert-file and --tls-key-file go together: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("--tls-client-ca-file needs --tls-cert-file and --tls-key-file (mutual TLS is TLS)")
+        if not self.tls_reload_interval_seconds > 0:
+            problems.append(f"--tls-reload-interval-seconds must be > 0, got {self.tls_reload_interval_seconds}")
+        if not self.api_keys_file and not self.api_keys.strip(", "):
+            for name in ("health_needs_api_key", "reflection_needs_api_key", "metrics_needs_api_key"):
+                if getattr(self, name) == "on":
+                    problems.append(f"--{name.replace('_', '-')} on needs API keys (--api-keys-file or "
+                                    f"{ENV_PREFIX}API_KEYS)")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             problems.append("--default-max-new-tokens must not exceed --max-new-tokens-limit")
         if not self.stream_stall_timeout_seconds > 0:
@@ -85,9 +114,11 @@ class ServerConfig:
 def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] = None) -> ServerConfig:
     """Flags, then ATTNSERVE_* variables, then defaults. Raises ValueError with every problem found."""
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="python -m server", description="Serve a model dir over gRPC.")
+    parser = argparse.ArgumentParser(prog="python -m server", description="Serve a model dir over gRPC.", allow_abbrev=False)
     for f in dataclasses.fields(ServerConfig):
         env_name = ENV_PREFIX + f.name.upper()
+        if f.metadata.get("env_only"):
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=None,
             choices=f.metadata.get("choices"), type=_type_of(f),
@@ -96,7 +127,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] =
     args = parser.parse_args(argv)
     values = {}
     for f in dataclasses.fields(ServerConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is None and ENV_PREFIX + f.name.upper() in environ:
             raw = environ[ENV_PREFIX + f.name.upper()]
             try:
@@ -109,5 +140,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] =
 
 
 def _type_of(f: dataclasses.Field):
-    return {"model": Path, "host": str, "device": str, "log_level": str, "fault_injection": str,
-            "intra_op_spinning": str}.get(f.name) or type(f.default)
+    return {"model": Path}.get(f.name) or type(f.default)

@@ -39,6 +39,12 @@ class DeadlineExceededError(AttnserveError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class UnauthenticatedError(AttnserveError):
+    """No API key, or a wrong one. The message never repeats the key."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class EngineStepError(AttnserveError):
     """An engine step failed; only the requests in that step see it."""
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ssl
+import threading
 import time
-from typing import Optional
+from socketserver import ThreadingMixIn
+from typing import Callable, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, make_wsgi_app
 
+from server.api_keys import ACCEPTED, OUTCOMES
 from server.contract import ModelCard
 from server.engine import EngineObserver, RequestReport, StepReport
 
@@ -43,7 +47,7 @@ FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")  # error = fail
 REJECTION_REASONS = ("queue_full", "draining")
 # The status codes attnserve's own handlers end with (server/errors.py, client cancellation, deadlines, bugs).
 GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-                       "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE")
+                       "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")
 
 
 class Metrics(EngineObserver):
@@ -76,6 +80,7 @@ class Metrics(EngineObserver):
         self.generated_tokens = counter("attnserve_generated_tokens_total", "Generated tokens of finished requests.")
         self.rejected = counter("attnserve_requests_rejected_total", "Requests refused before running, by reason.", ["reason"])
         self.step_failures = counter("attnserve_engine_step_failures_total", "Engine steps that raised.")
+        self.api_key_checks = counter("attnserve_api_key_checks_total", "API key checks, by outcome (accepted, missing, wrong).", ["outcome"])
 
         self.running = gauge("attnserve_requests_running", "Requests holding a KV slot.")
         self.waiting = gauge("attnserve_requests_waiting", "Requests waiting for a KV slot.")
@@ -102,16 +107,41 @@ class Metrics(EngineObserver):
         for reason in REJECTION_REASONS:
             self.rejected.labels(self.model, reason)
         self.step_failures.labels(self.model)
+        for outcome in OUTCOMES:
+            self.api_key_checks.labels(self.model, outcome)
         self.prompt_tokens.labels(self.model)
         self.generated_tokens.labels(self.model)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server on a daemon thread; returns the bound port."""
+    def serve(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None,
+              check_api_key: Optional[Callable[[Optional[str]], str]] = None) -> int:
+        """Start the /metrics HTTP server on a daemon thread; returns the bound port.
+
+        With `ssl_context` it speaks TLS only; with `check_api_key` a scrape needs `authorization: Bearer KEY`.
+        """
         # No `_created` series beside each counter and histogram: they would double the
         # series count, and no dashboard or rule reads them. A process-wide switch.
         disable_created_metrics()
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        exposition = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if check_api_key is not None:
+                outcome = check_api_key(environ.get("HTTP_AUTHORIZATION"))
+                self.on_api_key_checked(outcome)
+                if outcome != ACCEPTED:
+                    start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                        ("WWW-Authenticate", 'Bearer realm="attnserve"')])
+                    return [b"this endpoint requires an API key: send the header `authorization: Bearer KEY`\n"]
+            return exposition(environ, start_response)
+
+        server = make_server(host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        if ssl_context is not None:
+            # The handshake happens in each connection's own thread, so a slow client cannot hold up accept().
+            server.socket = ssl_context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=server.serve_forever, name="attnserve-metrics", daemon=True).start()
         return server.server_port
+
+    def on_api_key_checked(self, outcome: str) -> None:
+        self.api_key_checks.labels(self.model, outcome).inc()
 
     def init_grpc_service(self, service) -> None:
         """Create the series of a protobuf ServiceDescriptor's methods at zero, for each code attnserve returns."""
@@ -166,6 +196,15 @@ class Metrics(EngineObserver):
 
     def grpc_interceptor(self) -> grpc.aio.ServerInterceptor:
         return _MetricsInterceptor(self)
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in flight never holds up the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # one line per scrape on stderr is noise
+        pass
 
 
 def _rpc_type(client_streaming: bool, server_streaming: bool) -> str:

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import grpc
 
@@ -27,7 +28,7 @@ from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 
 ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off)")
+READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off), health (\d+|on the grpc port)")
 
 
 def wait_until(condition, timeout: float, message, interval: float = 0.05):
@@ -88,14 +89,14 @@ class _Client:
 class ServerProcess(_Client):
     """`python -m server` in a subprocess; its log is collected for assertions and failures."""
 
-    def __init__(self, model_dir: Path, *flags: str, startup_timeout: float = 120.0):
+    def __init__(self, model_dir: Path, *flags: str, startup_timeout: float = 120.0, env: Optional[dict] = None):
         command = [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1",
                    "--port", "0", "--metrics-port", "0", *flags]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.log: list[str] = []
         self._ready = threading.Event()
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.health_port = None
         threading.Thread(target=self._read_log, daemon=True).start()
         if not self._ready.wait(startup_timeout) or self.port is None:
             self.stop()
@@ -108,6 +109,7 @@ class ServerProcess(_Client):
             if match:
                 self.port = int(match.group(1))
                 self.metrics_port = None if match.group(2) == "off" else int(match.group(2))
+                self.health_port = int(match.group(3)) if match.group(3).isdigit() else None
                 self._ready.set()
         self._ready.set()
 
@@ -173,7 +175,8 @@ class InProcessServer(_Client):
             self.loop.close()
 
 
-def slow_reader_channel(target: str) -> grpc.Channel:
+def slow_reader_channel(target: str, credentials: Optional[grpc.ChannelCredentials] = None,
+                        authority: Optional[str] = None) -> grpc.Channel:
     """A channel whose HTTP/2 receive window stays small.
 
     By default gRPC grows a stream's window to megabytes, so a client that reads
@@ -181,7 +184,12 @@ def slow_reader_channel(target: str) -> grpc.Channel:
     4 KiB window, a client that stops reading pushes back on the server within
     a few kilobytes, as a slow mobile client or a stalled proxy would.
     """
-    return grpc.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)])
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    # TLS: `authority` is the name the server's certificate is checked against (target is an IP address).
+    return grpc.secure_channel(target, credentials, options + ([("grpc.ssl_target_name_override", authority)]
+                                                               if authority else []))
 
 
 class HeldStream:
@@ -193,9 +201,10 @@ class HeldStream:
     outlast the hold (or cancelling the stalled stream is what the test is after).
     """
 
-    def __init__(self, target: str, prompt_token_ids, max_new_tokens: int, timeout: float = 120.0):
+    def __init__(self, target: str, prompt_token_ids, max_new_tokens: int, timeout: float = 120.0,
+                 credentials: Optional[grpc.ChannelCredentials] = None, authority: Optional[str] = None):
         self.max_new_tokens = max_new_tokens
-        self.channel = slow_reader_channel(target)
+        self.channel = slow_reader_channel(target, credentials, authority)
         request = build_request(prompt_token_ids=list(prompt_token_ids), max_new_tokens=max_new_tokens,
                                 ignore_eos=True, logprobs=20)
         self.call = pb_grpc.GenerationStub(self.channel).GenerateStream(request, timeout=timeout)
