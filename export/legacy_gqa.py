@@ -13,16 +13,17 @@ with the same inputs and outputs that computes what the legacy op expects:
                                                                                        └─ ReduceMax + 1 ──► total_sequence_length
 
 Each row keeps its past length P = seqlens_k + 1 - query_seqlens, and its
-padding tokens become real ones to the op: their keys and values land at
-[P + Q, P + S), past the row's end, where the row's next tokens overwrite
-them, and causal attention keeps every valid token from seeing them. The
-price: every row's P + S must fit in the cache, idle rows (Q = 0) included,
-which the engine does not promise, so the server refuses such an
-onnxruntime (server/runner.py) and only bench/gpu_verify.py, whose calls are
-sized to fit, uses this graph. The derived dir holds a copy of
-model.onnx.data: onnxruntime refuses external data that a symbolic link
-places outside the model's folder, and onnx refuses a data file with two
-hard links.
+padding tokens would become real ones to the op: their keys and values would
+land at [P + Q, P + S), past the row's end. The server therefore gives this
+graph only uniform calls (server/scheduler.py uniform_calls), in which every
+row brings exactly S tokens (Q = S) and no row is idle, so the op writes
+exactly the positions the scheduler asked for and computes what the mixed
+graph computes. Every model dir holds this graph beside model.onnx
+(contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS), sharing its model.onnx.data.
+write_legacy_model_dir makes a dir whose model.onnx *is* this graph, for
+tools that load model.onnx by name; it holds a copy of model.onnx.data:
+onnxruntime refuses external data that a symbolic link places outside the
+model's folder, and onnx refuses a data file with two hard links.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 from server import contract
 
 _PREFIX = "legacy_gqa/"
+_SEQLENS_K = contract.GQA_INPUTS.index("seqlens_k")
+_TOTAL = contract.GQA_INPUTS.index("total_sequence_length")
 _COPIED = (contract.TOKENIZER_FILE, contract.CARD_FILE)
 
 
@@ -64,7 +67,7 @@ def legacy_graph(model_path: Path) -> onnx.ModelProto:
     for n in graph.node:
         if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft":
             inputs = list(n.input[:contract.QUERY_SEQLENS_INDEX])
-            inputs[5], inputs[6] = legacy_seqlens_k, total
+            inputs[_SEQLENS_K], inputs[_TOTAL] = legacy_seqlens_k, total
             while inputs and not inputs[-1]:
                 inputs.pop()
             n.ClearField("input")

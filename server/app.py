@@ -202,6 +202,7 @@ async def start_server(config: ServerConfig) -> Server:
         kv_slots=config.kv_slots, max_seq_len=capacity, prefill_chunk_tokens=config.prefill_chunk_tokens,
         prefill_tokens_per_decode_row=config.prefill_tokens_per_decode_row,
         max_queued_requests=config.max_queued_requests, stream_buffer_tokens=config.stream_buffer_tokens,
+        uniform_calls=runner.call_plan == "uniform",
     ), observer=observer, on_fatal=lambda error: loop.call_soon_threadsafe(broken.set))
     limits = Limits(
         context=capacity, vocab_size=card.vocab_size, default_max_new_tokens=config.default_max_new_tokens,

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Optional
 
 MODEL_FILE = "model.onnx"
+# The same graph and weights (model.onnx.data, shared) for a GroupQueryAttention that lacks
+# `query_seqlens` (onnxruntime 1.31 and older; the newest onnxruntime-gpu): served with
+# uniform calls, in which every row brings the call's full width of new tokens.
+MODEL_FILE_WITHOUT_QUERY_SEQLENS = "model_without_query_seqlens.onnx"
 CARD_FILE = "attnserve.json"
 TOKENIZER_FILE = "tokenizer.json"
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -99,6 +103,9 @@ class ModelCard:
     exporter: dict  # versions that produced the dir
     verification: dict  # figures measured at export, with their bounds
     format: int = CARD_FORMAT
+    # The serving graphs in the dir, by the GroupQueryAttention they need: "with_query_seqlens" and
+    # "without_query_seqlens" (file names). Dirs exported before this field held model.onnx alone.
+    graphs: dict = dataclasses.field(default_factory=lambda: {"with_query_seqlens": MODEL_FILE})
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -109,7 +116,9 @@ class ModelCard:
         if data.get("format") != CARD_FORMAT:
             raise ValueError(f"model card format {data.get('format')!r} is not {CARD_FORMAT}; re-export the model dir")
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - {"format"})
+        optional = {f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        missing = sorted(known - set(data) - optional)
         if missing:
             raise ValueError(f"model card lacks {', '.join(missing)}; re-export the model dir")
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -60,6 +60,7 @@ class EngineConfig:
     call_overhead_tokens: int = 32  # cost of one extra onnxruntime call, in token computations
     max_consecutive_step_failures: int = 3  # then the engine reports itself broken
     stream_buffer_tokens: int = 64  # a request whose client lags this many tokens behind pauses
+    uniform_calls: bool = False  # the graph's GroupQueryAttention lacks query_seqlens (ModelRunner.call_plan)
 
 
 @dataclass
@@ -326,7 +327,7 @@ class Engine:
     def _execute(self, plan: StepPlan) -> tuple[dict[int, np.ndarray], int]:
         """Run the plan's onnxruntime calls; returns the logits of each sampling sequence, and the call count."""
         logits = {}
-        calls = split_into_calls(plan, self.config.call_overhead_tokens)
+        calls = split_into_calls(plan, self.config.call_overhead_tokens, uniform=self.config.uniform_calls)
         for call in calls:
             call_logits = self.runner.step(build_step_inputs(call))
             for chunk in call.chunks:

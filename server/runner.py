@@ -66,6 +66,19 @@ def onnxruntime_has_query_seqlens() -> bool:
     return bool(schemas) and len(schemas[0].inputs) > contract.QUERY_SEQLENS_INDEX
 
 
+def serving_graph(card: ModelCard, has_query_seqlens: bool) -> str:
+    """The model dir's graph for this onnxruntime's GroupQueryAttention (file name)."""
+    key = "with_query_seqlens" if has_query_seqlens else "without_query_seqlens"
+    name = card.graphs.get(key)
+    if name is None:
+        raise RunnerError(
+            f"onnxruntime {ort.__version__}'s GroupQueryAttention has no query_seqlens input (1.32 added it) and "
+            f"this model dir holds no graph without it ({contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS}); re-export it "
+            "with `python -m export`, which writes both"
+        )
+    return name
+
+
 def resolve_device(device: str, available: Optional[Sequence[str]] = None) -> str:
     """'auto' -> 'cuda' when onnxruntime offers CUDA, else 'cpu' (logged); an explicit choice must be offered.
 
@@ -136,12 +149,17 @@ class ModelRunner:
                  intra_op_spinning: bool = False):
         self.card = card
         self.device_id = device_id
+        # Which GroupQueryAttention this onnxruntime has, read from its operator schema: it decides the
+        # graph and the call plan (mixed calls with query_seqlens, uniform calls without).
+        self.has_query_seqlens = onnxruntime_has_query_seqlens()
+        self.graph_file = serving_graph(card, self.has_query_seqlens)
         self.device = resolve_device(device)
         if not allow_fp32_cuda:
             self.device = device_for_dtype(self.device, card.dtype, device)
         self.session = self._start_session(Path(model_dir), intra_op_threads, intra_op_spinning,
                                            fallback_to_cpu=device == "auto")
         self._check_graph()
+        log.info("call plan: %s (%s, onnxruntime %s)", self.call_plan, self.graph_file, ort.__version__)
         self.cache = KVBuffers(
             CacheShape(card.n_layers, kv_slots, card.n_kv_heads, capacity, card.head_dim, card.dtype),
             device_type=self.device, device_id=device_id,
@@ -152,19 +170,20 @@ class ModelRunner:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
+    @property
+    def call_plan(self) -> str:
+        """'mixed': any rows in one call (query_seqlens says each row's new tokens); 'uniform': every row of a
+        call brings the call's width of new tokens (server/scheduler.py uniform_calls)."""
+        return "mixed" if self.has_query_seqlens else "uniform"
+
     def _start_session(self, model_dir: Path, intra_op_threads: int, intra_op_spinning: bool,
                        fallback_to_cpu: bool) -> ort.InferenceSession:
         options = session_options(intra_op_threads, intra_op_spinning)
-        path = str(model_dir / contract.MODEL_FILE)
+        path = str(model_dir / self.graph_file)
         providers = session_providers(self.device, self.device_id, self.card.dtype)
         try:
             session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
-            if not onnxruntime_has_query_seqlens():
-                raise RunnerError(
-                    f"onnxruntime {ort.__version__} cannot load {path}: its GroupQueryAttention lacks the query_seqlens "
-                    "input (added in 1.32) that the serving graph passes; install onnxruntime >= 1.32"
-                ) from None
             raise RunnerError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
         # onnxruntime-gpu lists CUDA even where its libraries or the GPU are missing, and then quietly
         # starts a CPU session (logging why): refuse that for --device cuda, take it for auto.

@@ -183,14 +183,18 @@ class Call:
         return max(c.length for c in self.chunks)
 
 
-def split_into_calls(plan: StepPlan, call_overhead_tokens: int) -> list[Call]:
+def split_into_calls(plan: StepPlan, call_overhead_tokens: int, uniform: bool = False) -> list[Call]:
     """Group a step's chunks into onnxruntime calls.
 
     A call pads every row to its longest chunk, so one mixed call costs about
     rows x longest-chunk token computations. When that dwarfs the useful work,
     decode rows go in one call and each prefill chunk in a call of its own
     (bound to just its slot), at the price of `call_overhead_tokens` per extra call.
+
+    uniform: the GroupQueryAttention lacks `query_seqlens` (see uniform_calls).
     """
+    if uniform:
+        return uniform_calls(plan)
     if not plan.chunks:
         return []
     mixed = Call(0, plan.rows, tuple(plan.chunks))
@@ -204,3 +208,32 @@ def split_into_calls(plan: StepPlan, call_overhead_tokens: int) -> list[Call]:
         return [mixed]
     calls = [Call(0, decode_rows, decode)] if decode else []
     return calls + [Call(c.slot, 1, (c,)) for c in prefill]
+
+
+def uniform_calls(plan: StepPlan) -> list[Call]:
+    """Calls for a GroupQueryAttention without `query_seqlens` (onnxruntime 1.31 and older, CUDA included).
+
+    That op takes every row of a call to bring the call's full width of new tokens, ending at
+    the row's seqlens_k; a row with fewer, or none, would still have keys and values written for
+    the missing ones. So every row of a call here is a chunk of the call's width:
+
+        slots   0  1  2  3  4  5        decode (1 token) rows in runs of consecutive slots,
+        chunk   1  1  -  1  40 1   ──►  Call(0, 2), Call(3, 1), Call(5, 1): S = 1 each;
+                                        each longer chunk alone: Call(4, 1), S = 40, a batch-1 call
+                                        on its slot's one-row view of the shared buffer.
+
+    Slots without a chunk this step (idle, paused, prefilling elsewhere) are in no call, so nothing
+    is written to them; within a call every row's new tokens land at [start, start + length) of its
+    own slot, the positions the scheduler asked for.
+    """
+    decode = sorted((c for c in plan.chunks if c.length == 1), key=lambda c: c.slot)
+    calls: list[Call] = []
+    run: list[Chunk] = []
+    for chunk in decode:
+        if run and chunk.slot != run[-1].slot + 1:
+            calls.append(Call(run[0].slot, len(run), tuple(run)))
+            run = []
+        run.append(chunk)
+    if run:
+        calls.append(Call(run[0].slot, len(run), tuple(run)))
+    return calls + [Call(c.slot, 1, (c,)) for c in plan.chunks if c.length > 1]

@@ -8,6 +8,8 @@ docs/benchmarks.md, "CUDA".)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -59,12 +61,29 @@ def test_legacy_graph_needs_a_gqa_node(tmp_path):
         legacy_graph(tmp_path / "model.onnx")
 
 
-def test_an_onnxruntime_without_query_seqlens_is_named_in_one_line(test_model_dir, tmp_path, monkeypatch):
-    """What the server says under onnxruntime-gpu 1.31 (simulated: a graph it cannot load, and the schema check)."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / contract.MODEL_FILE).write_bytes(b"not a graph")
+def test_every_model_dir_holds_both_graphs_on_one_copy_of_the_weights(test_model_dir):
+    card = ModelCard.load(test_model_dir)
+    assert card.graphs == {"with_query_seqlens": contract.MODEL_FILE,
+                           "without_query_seqlens": contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS}
+    data_files = sorted(p.name for p in test_model_dir.iterdir() if p.name.endswith(".data"))
+    assert data_files == [contract.MODEL_FILE + ".data"]
+    graph = onnx.load(str(test_model_dir / contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS), load_external_data=False).graph
+    locations = {entry.value for init in graph.initializer for entry in init.external_data if entry.key == "location"}
+    assert locations == {contract.MODEL_FILE + ".data"}
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == card.n_layers and all(len(n.input) <= contract.QUERY_SEQLENS_INDEX for n in gqa)
+
+
+def test_without_query_seqlens_the_runner_serves_the_second_graph_with_uniform_calls(test_model_dir, monkeypatch):
     monkeypatch.setattr(runner_module, "onnxruntime_has_query_seqlens", lambda: False)
-    with pytest.raises(RunnerError, match="lacks the query_seqlens input .added in 1.32.") as error:
-        ModelRunner(broken, ModelCard.load(test_model_dir), kv_slots=1, capacity=8)
+    runner = ModelRunner(test_model_dir, ModelCard.load(test_model_dir), kv_slots=2, capacity=16)
+    assert runner.graph_file == contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS and runner.call_plan == "uniform"
+
+
+def test_a_dir_without_the_second_graph_is_refused_in_one_line(test_model_dir, monkeypatch):
+    """What a server on onnxruntime 1.31 says about a dir exported before both graphs were written."""
+    card = dataclasses.replace(ModelCard.load(test_model_dir), graphs={"with_query_seqlens": contract.MODEL_FILE})
+    monkeypatch.setattr(runner_module, "onnxruntime_has_query_seqlens", lambda: False)
+    with pytest.raises(RunnerError, match="no query_seqlens input .1.32 added it.*re-export") as error:
+        ModelRunner(test_model_dir, card, kv_slots=1, capacity=8)
     assert "\n" not in str(error.value)

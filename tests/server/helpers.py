@@ -28,6 +28,8 @@ from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import build_request
 
 ROOT = Path(__file__).resolve().parents[2]
+# CPU onnxruntime 1.31.1, installed by `make setup` beside the venv's own onnxruntime (put it first on PYTHONPATH).
+ONNXRUNTIME_1_31 = ROOT / ".venv" / "onnxruntime-1.31.1"
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off), health (\d+|on the grpc port)")
 
 

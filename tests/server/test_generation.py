@@ -47,8 +47,29 @@ def check_greedy_batching(stub, seed: int, count: int):
         assert len(a[0]) == max_new[i] or a[1] != pb.FINISH_REASON_LENGTH, f"seed {seed}: request {i} came back short"
 
 
-def test_32_concurrent_greedy_requests_equal_each_alone(test_server):
-    check_greedy_batching(test_server.stub(), GREEDY_SEED, 32)
+# `served` runs each of these twice: on onnxruntime 1.32 (mixed calls with query_seqlens) and on 1.31.1
+# (uniform calls without it), with the same assertions. Prompts up to 400 tokens are chunked at 64.
+def test_32_concurrent_greedy_requests_equal_each_alone(served):
+    check_greedy_batching(served.stub(), GREEDY_SEED, 32)
+
+
+def test_both_runtimes_give_the_same_greedy_tokens_for_prompts_arriving_while_others_decode(
+        test_server, test_server_on_onnxruntime_1_31):
+    prompts = random_prompts(GREEDY_SEED + 7, 24, 500, 400)
+    max_new = [int(n) for n in np.random.default_rng(GREEDY_SEED + 8).integers(1, 40, 24)]
+
+    def staggered(stub):
+        """Half the requests first; the other half join while the first decode."""
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            first = [pool.submit(generate_ids, stub, prompts[i], max_new[i]) for i in range(12)]
+            for future in first[:2]:
+                future.result()
+            second = [pool.submit(generate_ids, stub, prompts[i], max_new[i]) for i in range(12, 24)]
+            return [f.result() for f in first + second]
+
+    current, legacy = staggered(test_server.stub()), staggered(test_server_on_onnxruntime_1_31.stub())
+    for i, (a, b) in enumerate(zip(current, legacy)):
+        assert a == b, f"request {i} (prompt {len(prompts[i])} tokens): onnxruntime 1.32 and 1.31.1 differ"
 
 
 def test_concurrent_greedy_requests_equal_each_alone_with_a_new_seed_each_run(test_server):
@@ -59,21 +80,21 @@ def test_concurrent_greedy_requests_equal_each_alone_with_a_new_seed_each_run(te
     check_greedy_batching(test_server.stub(), seed, 16)
 
 
-def test_32_concurrent_seeded_sampling_requests_equal_each_alone(test_server):
+def test_32_concurrent_seeded_sampling_requests_equal_each_alone(served):
     seed = SAMPLING_SEED
     prompts = random_prompts(seed, 32, 500, 300)
     sampling = [dict(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=1000 + i) for i in range(32)]
-    together, alone = concurrent_vs_alone(test_server.stub(), prompts, [24] * 32, sampling)
+    together, alone = concurrent_vs_alone(served.stub(), prompts, [24] * 32, sampling)
     assert together == alone, f"seed {seed}: seeded sampling depends on the batch"
     assert len({tuple(t[0]) for t in together}) > 1
 
 
-def test_served_greedy_equals_pytorch_full_recomputation(test_server, test_checkpoint, test_model_dir):
+def test_served_greedy_equals_pytorch_full_recomputation(served, test_checkpoint, test_model_dir):
     model, config = load_checkpoint(test_checkpoint)
     eos = set(ModelCard.load(test_model_dir).eos_token_ids)
     rng = np.random.default_rng(PYTORCH_SEED)
     prompt = [int(t) for t in rng.integers(0, config.vocab_size, 17) if int(t) not in eos]
-    served, reason = generate_ids(test_server.stub(), prompt, 64)
+    tokens_served, reason = generate_ids(served.stub(), prompt, 64)
     tokens, expected = list(prompt), []
     with torch.no_grad():
         while len(expected) < 64:
@@ -83,13 +104,13 @@ def test_served_greedy_equals_pytorch_full_recomputation(test_server, test_check
                 break
     # The server streams every token but EOS; it ends with finish reason EOS exactly where PyTorch emits it.
     if expected[-1] in eos:
-        assert served == expected[:-1] and reason == pb.FINISH_REASON_EOS
+        assert tokens_served == expected[:-1] and reason == pb.FINISH_REASON_EOS
     else:
-        assert served == expected and len(served) == 64
+        assert tokens_served == expected and len(tokens_served) == 64
 
 
-def test_cancelling_200_streams_frees_every_slot(test_server):
-    stub = test_server.stub()
+def test_cancelling_200_streams_frees_every_slot(served):
+    stub = served.stub()
     rng = random.Random(7)
     prompt = random_prompts(3, 2, 500, 50)[1]
     reference, _ = generate_ids(stub, prompt, 20)
@@ -112,8 +133,8 @@ def test_cancelling_200_streams_frees_every_slot(test_server):
         cancelled = list(pool.map(cancel_after, [rng.randint(1, 30) for _ in range(200)]))
     assert all(r.result() == reference for r in steady_runs)
     assert len(cancelled) == 200
-    assert test_server.wait_for_metric("attnserve_kv_slots_in_use", 0) == 0
-    assert test_server.wait_for_metric("attnserve_requests_running", 0) == 0
+    assert served.wait_for_metric("attnserve_kv_slots_in_use", 0) == 0
+    assert served.wait_for_metric("attnserve_requests_running", 0) == 0
     assert generate_ids(stub, prompt, 20)[0] == reference
 
 

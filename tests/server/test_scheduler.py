@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from server.scheduler import Chunk, Scheduler, SchedulerStats, Sequence, StepPlan, split_into_calls
+from server.scheduler import Chunk, Scheduler, SchedulerStats, Sequence, StepPlan, split_into_calls, uniform_calls
 from server.slots import SlotManager
 
 
@@ -190,3 +190,38 @@ def test_a_long_prompt_beside_decoding_streams_gets_the_scaled_budget():
     prefill = [c for c in plan.chunks if c.length > 1]
     assert len(decode) == 5 and [c.length for c in prefill] == [40]  # 8 x 5 decoding rows
     assert plan.num_prefill_tokens == 40
+
+
+def test_uniform_calls_give_every_row_a_chunk_of_the_call_width():
+    plan = StepPlan((_chunk(0, 1), _chunk(1, 1), _chunk(3, 1), _chunk(4, 40), _chunk(5, 1)), rows=6)
+    calls = split_into_calls(plan, call_overhead_tokens=32, uniform=True)
+    assert [(c.first_slot, c.rows, c.width) for c in calls] == [(0, 2, 1), (3, 1, 1), (5, 1, 1), (4, 1, 40)]
+
+
+def test_uniform_calls_never_touch_a_slot_without_a_chunk_on_random_workloads():
+    """The invariant the op without query_seqlens needs: each call's rows are exactly its chunks' slots, every
+    chunk as wide as the call, and each chunk computed in exactly one call."""
+    rng = random.Random(4321)
+    s = Scheduler(SlotManager(6, 256), 24, prefill_tokens_per_decode_row=4)
+    next_id = 0
+    for step in range(400):
+        if rng.random() < 0.4:
+            s.add(seq(next_id, rng.randint(1, 60)))
+            next_id += 1
+        if s.running and rng.random() < 0.1:
+            s.remove(rng.choice(s.running))
+        s.set_paused({x.seq_id for x in s.running if rng.random() < 0.2})
+        plan = s.schedule()
+        calls = uniform_calls(plan)
+        seen = []
+        for call in calls:
+            slots = [c.slot for c in call.chunks]
+            assert slots == list(range(call.first_slot, call.first_slot + call.rows)), (step, call)
+            assert {c.length for c in call.chunks} == {call.width}
+            assert call.width == 1 or call.rows == 1
+            seen += [id(c) for c in call.chunks]
+        assert sorted(seen) == sorted(id(c) for c in plan.chunks)
+        s.update(plan, {c.seq.seq_id: 7 for c in plan.chunks if c.samples})
+        for x in list(s.running):
+            if x.num_generated >= 5:
+                s.remove(x)
