@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "tls")  # tls: the cpu overlay with mutual TLS, API keys and a health port
 INSTALL_HINT = {
     "promtool": "make deploy-tools (Debian package prometheus)",
     "prometheus": "make deploy-tools (Debian package prometheus)",

@@ -1,5 +1,7 @@
-"""The Kubernetes manifests: both overlays render, validate strictly against several Kubernetes
-versions, and hang together (ports, selectors, probes, shutdown timing, the autoscaler's metric).
+"""The Kubernetes manifests: every overlay renders, validates strictly against several Kubernetes
+versions, and hangs together (ports, selectors, probes, shutdown timing, the autoscaler's metric);
+the tls overlay also mounts its certificate and keys from Secrets, probes a plaintext health port
+and scrapes over https.
 
 kubernetes-validate has no schema for the Prometheus Operator's CRDs (ServiceMonitor,
 PrometheusRule) and only warns about them: the validation test allows exactly those two
@@ -13,7 +15,7 @@ import re
 import pytest
 import yaml
 
-from tests.deploy.helpers import DEPLOY, run, tool
+from tests.deploy.helpers import DEPLOY, OVERLAYS, run, tool
 
 # The oldest Kubernetes still widely run, one in the middle, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.32.0", "1.37.0")
@@ -58,18 +60,27 @@ def container(manifests, overlay):
 
 
 def env(manifests, overlay) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(manifests, overlay)["env"]}
+    return {e["name"]: e.get("value") for e in container(manifests, overlay)["env"]}
 
 
-@pytest.mark.parametrize("overlay", ("cpu", "gpu"))
+def probed_port(manifests, overlay) -> str:
+    """The named port the probes must use: the plaintext health port where the server has one."""
+    return "health" if "ATTNSERVE_HEALTH_PORT" in env(manifests, overlay) else "grpc"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_ports_probes_and_shutdown_fit_together(manifests, overlay):
     objects = manifests[overlay]
     pod = objects["Deployment/attnserve"]["spec"]["template"]
     c = container(manifests, overlay)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9090}
+    assert {"grpc": 50051, "metrics": 9090}.items() <= ports.items()
+    assert set(ports) <= {"grpc", "metrics", "health"}
+    if "health" in ports:  # the server listens where the pod says it does
+        assert int(env(manifests, overlay)["ATTNSERVE_HEALTH_PORT"]) == ports["health"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+        # gRPC probes take a port number, not a name.
+        assert c[probe]["grpc"]["port"] == ports[probed_port(manifests, overlay)], probe
     assert c["readinessProbe"]["grpc"]["service"] == "attnserve.v1.Generation"
     # Liveness never fires during startup (startup gates it) nor during a drain (it takes longer than the grace).
     liveness = c["livenessProbe"]
@@ -89,15 +100,16 @@ def test_overlays_differ_in_device_image_and_resources(manifests):
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(cpu["resources"])
     # The overlay's variables join the base's rather than replacing them.
-    for overlay in ("cpu", "gpu"):
+    for overlay in OVERLAYS:
         assert {"ATTNSERVE_DRAIN_GRACE_SECONDS", "ATTNSERVE_MAX_QUEUED_REQUESTS", "ATTNSERVE_KV_SLOTS"} <= set(env(manifests, overlay))
     assert env(manifests, "cpu")["ATTNSERVE_INTRA_OP_THREADS"] == cpu["resources"]["requests"]["cpu"]
 
 
-def test_services_select_the_pods_and_the_monitor_scrapes_only_the_metrics_service(manifests):
-    objects = manifests["cpu"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_select_the_pods_and_the_monitor_scrapes_only_the_metrics_service(manifests, overlay):
+    objects = manifests[overlay]
     pod_labels = objects["Deployment/attnserve"]["spec"]["template"]["metadata"]["labels"]
-    ports = {p["name"] for p in container(manifests, "cpu")["ports"]}
+    ports = {p["name"] for p in container(manifests, overlay)["ports"]}
     services = {name: obj for name, obj in objects.items() if name.startswith("Service/")}
     assert set(services) == {"Service/attnserve", "Service/attnserve-headless"}
     for service in services.values():
@@ -109,6 +121,8 @@ def test_services_select_the_pods_and_the_monitor_scrapes_only_the_metrics_servi
                 if monitor["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
     assert selected == ["Service/attnserve"]
     assert {e["port"] for e in monitor["endpoints"]} <= {p["name"] for p in services["Service/attnserve"]["spec"]["ports"]}
+    # The plaintext health port is for the kubelet only: no Service exposes it.
+    assert all(p["targetPort"] != "health" for s in services.values() for p in s["spec"]["ports"])
     pdb = objects["PodDisruptionBudget/attnserve"]["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
 
@@ -124,3 +138,46 @@ def test_autoscaler_scales_the_deployment_on_the_adapters_per_pod_queue_metric(m
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
     assert re.fullmatch(rule["name"]["matches"], "attnserve_requests_waiting")
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def secret_mounts(manifests, overlay) -> dict[str, str]:
+    """mountPath -> the Secret mounted there, for the container's read-only Secret volumes."""
+    pod = manifests[overlay]["Deployment/attnserve"]["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    return {m["mountPath"]: secrets[m["name"]] for m in container(manifests, overlay)["volumeMounts"]
+            if m["name"] in secrets and m.get("readOnly")}
+
+
+def test_tls_overlay_mounts_its_secrets_probes_the_health_port_and_scrapes_over_https(manifests):
+    c, variables = container(manifests, "tls"), env(manifests, "tls")
+    assert c["image"] == container(manifests, "cpu")["image"]  # on top of the cpu overlay
+    assert c["resources"] == container(manifests, "cpu")["resources"]
+    # Probes on the plaintext health-only port (the kubelet's probes dial plain text and show no
+    # client certificate); readiness still asks about the Generation service.
+    health = {p["name"]: p["containerPort"] for p in c["ports"]}["health"]
+    assert all(c[probe]["grpc"]["port"] == health for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert c["readinessProbe"]["grpc"]["service"] == "attnserve.v1.Generation"
+    # Every TLS file and the keys file lies in a read-only Secret volume (rewritten in place on rotation).
+    mounts = secret_mounts(manifests, "tls")
+    expected = {"ATTNSERVE_TLS_CERT_FILE": ("attnserve-tls", "tls.crt"),
+                "ATTNSERVE_TLS_KEY_FILE": ("attnserve-tls", "tls.key"),
+                "ATTNSERVE_TLS_CLIENT_CA_FILE": ("attnserve-tls", "ca.crt"),
+                "ATTNSERVE_API_KEYS_FILE": ("attnserve-api-keys", "api-keys")}
+    for name, (secret, key) in expected.items():
+        folder, _, file = variables[name].rpartition("/")
+        assert (mounts.get(folder), file) == (secret, key), name
+    assert not any("subPath" in m for m in c["volumeMounts"])  # a subPath mount never sees a rotation
+    assert "ATTNSERVE_API_KEYS" not in variables  # keys come from the re-read file, not a variable
+    # /metrics speaks mutual TLS: the scrape is https with a CA, a client certificate and its key.
+    (endpoint,) = manifests["tls"]["ServiceMonitor/attnserve"]["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    tls = endpoint["tlsConfig"]
+    assert tls["serverName"] and not tls.get("insecureSkipVerify")
+    assert {tls["ca"]["secret"]["key"], tls["cert"]["secret"]["key"], tls["keySecret"]["key"]} == {
+        "ca.crt", "tls.crt", "tls.key"}
+    # The grpc ports are no longer cleartext HTTP/2.
+    for service in ("Service/attnserve", "Service/attnserve-headless"):
+        assert all(p.get("appProtocol") != "kubernetes.io/h2c" for p in manifests["tls"][service]["spec"]["ports"])
+    # The cpu overlay is untouched.
+    assert "ATTNSERVE_TLS_CERT_FILE" not in env(manifests, "cpu")
+    assert "scheme" not in manifests["cpu"]["ServiceMonitor/attnserve"]["spec"]["endpoints"][0]
