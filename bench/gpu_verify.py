@@ -8,8 +8,9 @@ What it does, per model (the `small` checkpoint, SmolLM2):
 
  1. builds its model dirs there, fp32 and fp16, each verified against fp32
     PyTorch by the exporter's own pass (export/verify.py): the fp16 dir on the
-    device's execution provider, under export/model_dir.py's FP16_BOUNDS; the
-    fp32 dir on the CPU EP, the only one that serves fp32;
+    device's execution provider, under the bound that pass derives from the
+    logit scale (fp16_bound); the fp32 dir on the CPU EP, the only one that
+    serves fp32;
  2. placement: one profiled step per dtype shows which execution provider ran
     each node; on CUDA the fp16 graph's GroupQueryAttention must run on the
     CUDA EP and no Memcpy node may copy the cache (it never crosses to the host).
@@ -72,7 +73,7 @@ from server.contract import ModelCard
 from export.legacy_gqa import write_legacy_model_dir
 from export.model_dir import build_model_dir, verification_bound
 from export.serving import half_precision
-from export.verify import DIFF_FIGURES, Row, measure, step
+from export.verify import DIFF_FIGURES, VERIFY_SEED, Row, measure, step
 from model.checkpoint import load_checkpoint, read_checkpoint_meta
 from model.transformer import Transformer, apply_rotary
 from server.kv_buffers import CacheShape, KVBuffers
@@ -166,10 +167,10 @@ def device_figures(checkpoint: Path, device_dir: Path, card: ModelCard, settings
     """The fp16 graph on the device against fp32 PyTorch, for the legacy graph: the verification pass's
     figures without its ragged call, which the legacy op cannot run (export/legacy_gqa.py)."""
     model, _ = load_checkpoint(checkpoint)
-    bound = verification_bound(card.architecture, card.dtype)
+    bound = verification_bound(card.architecture, card.dtype)  # None for fp16: derived from the logit scale
     log(f"[{device_dir.name}] fp16 on {settings.device} against fp32 PyTorch ...")
-    figures = measure(model.eval(), device_dir, card, bound, seed=0, device=settings.device, ragged=False)
-    figures["within_bound"] = all(figures[k] <= bound for k in DIFF_FIGURES if k in figures)
+    figures = measure(model.eval(), device_dir, card, bound, seed=VERIFY_SEED, device=settings.device, ragged=False)
+    figures["within_bound"] = all(figures[k] <= figures["bound"] for k in DIFF_FIGURES if k in figures)
     return figures
 
 
@@ -180,13 +181,14 @@ PLACEMENT_CAPACITY = 64  # the cache's M in the profiled step: how a copy of the
 
 
 def placement(model_dir: Path, settings: Settings, profile_dir: Path) -> dict:
-    """One profiled prefill + decode on the device: which provider ran each op type, and what was copied.
-
-    Memcpy nodes of small shape tensors are normal on CUDA (onnxruntime keeps
-    shape arithmetic on the CPU); a Memcpy of a [rows, Hkv, M, hd] tensor is
-    the KV cache crossing to the host and back.
-    """
+    """One profiled prefill + decode on the device: which provider ran each op type, and what was copied."""
     card = ModelCard.load(model_dir)
+    provider, events = profiled_steps(model_dir, card, settings, profile_dir)
+    return {"provider": provider, **summarize_profile(events, card, settings.device)}
+
+
+def profiled_steps(model_dir: Path, card: ModelCard, settings: Settings, profile_dir: Path) -> tuple[str, list]:
+    """(the session's first provider, its profile's events) after one prefill and one decode through IOBinding."""
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(profile_dir / f"profile-{card.name}-{card.dtype}")
@@ -201,29 +203,47 @@ def placement(model_dir: Path, settings: Settings, profile_dir: Path) -> dict:
     profile = Path(session.end_profiling())
     events = json.loads(profile.read_text())
     profile.unlink()
+    return session.get_providers()[0], events
+
+
+def summarize_profile(events: list, card: ModelCard, device: str) -> dict:
+    """Which provider ran each op type, the Memcpy nodes, and how many of them copied the KV cache.
+
+    Memcpy nodes of small shape tensors are normal on CUDA (onnxruntime keeps
+    shape arithmetic on the CPU); a Memcpy of a [rows, Hkv, M, hd] tensor is
+    the KV cache crossing to the host and back. The CPU EP inserts no Memcpy
+    node at all: there, no copies is what a single memory gives, not a finding.
+    """
     providers: dict[str, dict[str, int]] = {}
     copies: dict[str, int] = {}
     cache_copies = 0
-    for event in events:
-        args = event.get("args", {})
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") or "provider" not in args:
-            continue
+    for args in kernel_events(events):
         by_provider = providers.setdefault(args["op_name"], {})
         by_provider[args["provider"]] = by_provider.get(args["provider"], 0) + 1
         if args["op_name"].startswith("Memcpy"):
             shapes = [shape for entry in args.get("input_type_shape", []) for shape in entry.values()]
             key = f"{args['op_name']} {shapes}"
             copies[key] = copies.get(key, 0) + 1
-            cache_copies += any(len(sh) == 4 and sh[1:] == [card.n_kv_heads, PLACEMENT_CAPACITY, card.head_dim]
-                                for sh in shapes)
-    device_provider = PROVIDERS[settings.device]
+            cache_copies += any(is_cache_shaped(shape, card) for shape in shapes)
+    device_provider = PROVIDERS[device]
     return {
-        "provider": session.get_providers()[0],
         "gqa_providers": sorted(providers.get("GroupQueryAttention", {})),
         "cache_copies": cache_copies,
         "memcpy": copies,
         "ops_not_only_on_device": {op: c for op, c in providers.items() if set(c) != {device_provider}},
     }
+
+
+def kernel_events(events: list):
+    """The args of each node's kernel-time event (op_name, provider, input shapes)."""
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "provider" in args:
+            yield args
+
+
+def is_cache_shaped(shape: list, card: ModelCard) -> bool:
+    return len(shape) == 4 and shape[1:] == [card.n_kv_heads, PLACEMENT_CAPACITY, card.head_dim]
 
 
 # ---- 3. greedy parity ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from server import contract
 _PREFIX = "legacy_gqa/"
 _SEQLENS_K = contract.GQA_INPUTS.index("seqlens_k")
 _TOTAL = contract.GQA_INPUTS.index("total_sequence_length")
-_COPIED = (contract.TOKENIZER_FILE, contract.CARD_FILE)
+_COPIED = (contract.TOKENIZER_FILE, contract.CARD_FILE, contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS)
 
 
 def legacy_graph(model_path: Path) -> onnx.ModelProto:

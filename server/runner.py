@@ -66,10 +66,25 @@ def onnxruntime_has_query_seqlens() -> bool:
     return bool(schemas) and len(schemas[0].inputs) > contract.QUERY_SEQLENS_INDEX
 
 
-def serving_graph(card: ModelCard, has_query_seqlens: bool) -> str:
-    """The model dir's graph for this onnxruntime's GroupQueryAttention (file name)."""
-    key = "with_query_seqlens" if has_query_seqlens else "without_query_seqlens"
-    name = card.graphs.get(key)
+CALL_PLANS = ("auto", "mixed", "uniform")
+
+
+def choose_call_plan(requested: str, has_query_seqlens: bool) -> str:
+    """'mixed' where the GroupQueryAttention takes query_seqlens, else 'uniform'; 'uniform' may be asked for anyway
+    (its graph runs on every onnxruntime: verification checks it on the exporting machine)."""
+    if requested not in CALL_PLANS:
+        raise RunnerError(f"call plan must be one of {', '.join(CALL_PLANS)}, got {requested!r}")
+    if requested == "mixed" and not has_query_seqlens:
+        raise RunnerError(f"onnxruntime {ort.__version__}'s GroupQueryAttention has no query_seqlens input "
+                          "(1.32 added it): it cannot run mixed calls")
+    if requested == "auto":
+        return "mixed" if has_query_seqlens else "uniform"
+    return requested
+
+
+def serving_graph(card: ModelCard, call_plan: str) -> str:
+    """The model dir's graph for a call plan (file name)."""
+    name = card.graphs.get("with_query_seqlens" if call_plan == "mixed" else "without_query_seqlens")
     if name is None:
         raise RunnerError(
             f"onnxruntime {ort.__version__}'s GroupQueryAttention has no query_seqlens input (1.32 added it) and "
@@ -142,17 +157,21 @@ def session_options(intra_op_threads: int = 0, intra_op_spinning: bool = False) 
 
 class ModelRunner:
     """allow_fp32_cuda: run an fp32 graph on CUDA anyway (attention on the CPU EP, the cache copied
-    every step). For verification only (bench/gpu_verify.py); the server never sets it."""
+    every step). For verification only (bench/gpu_verify.py); the server never sets it.
+
+    call_plan: 'mixed' (any rows in one call; query_seqlens says each row's new tokens) or 'uniform' (every row
+    of a call brings the call's width of new tokens: server/scheduler.py uniform_calls); 'auto' picks by the
+    runtime's GroupQueryAttention."""
 
     def __init__(self, model_dir: Path, card: ModelCard, kv_slots: int, capacity: int,
                  device: str = "cpu", intra_op_threads: int = 0, device_id: int = 0, allow_fp32_cuda: bool = False,
-                 intra_op_spinning: bool = False):
+                 intra_op_spinning: bool = False, call_plan: str = "auto"):
         self.card = card
         self.device_id = device_id
         # Which GroupQueryAttention this onnxruntime has, read from its operator schema: it decides the
         # graph and the call plan (mixed calls with query_seqlens, uniform calls without).
-        self.has_query_seqlens = onnxruntime_has_query_seqlens()
-        self.graph_file = serving_graph(card, self.has_query_seqlens)
+        self.call_plan = choose_call_plan(call_plan, onnxruntime_has_query_seqlens())
+        self.graph_file = serving_graph(card, self.call_plan)
         self.device = resolve_device(device)
         if not allow_fp32_cuda:
             self.device = device_for_dtype(self.device, card.dtype, device)
@@ -170,11 +189,6 @@ class ModelRunner:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    @property
-    def call_plan(self) -> str:
-        """'mixed': any rows in one call (query_seqlens says each row's new tokens); 'uniform': every row of a
-        call brings the call's width of new tokens (server/scheduler.py uniform_calls)."""
-        return "mixed" if self.has_query_seqlens else "uniform"
 
     def _start_session(self, model_dir: Path, intra_op_threads: int, intra_op_spinning: bool,
                        fallback_to_cpu: bool) -> ort.InferenceSession:

@@ -1,6 +1,7 @@
 """python -m export --dtype fp16: fp16 weights and cache, float32 logits, verified against fp32 PyTorch on the CPU EP."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from export import verify
 from server import contract
 from server.contract import ModelCard
 from export.errors import ExportError
-from export.model_dir import FP16_BOUNDS, build_model_dir
+from export.model_dir import build_model_dir
 from export.serving import Float32StatsRMSNorm, half_precision
+from model.checkpoint import load_checkpoint
 from model.config import preset
 from model.transformer import RMSNorm, Transformer
 
@@ -28,8 +30,8 @@ FP16_FIGURES = ("prompt_max_abs_diff", "decode_max_abs_diff", "ragged_max_abs_di
 def check_fp16_figures(card: ModelCard) -> dict:
     figures = card.verification
     print(f"{card.name} fp16 verification figures:", json.dumps(figures))
-    assert card.dtype == "float16" and figures["dtype"] == "float16"
-    assert figures["bound"] == FP16_BOUNDS[card.architecture]
+    assert card.dtype == "float16" and figures["dtype"] == "float16" and figures["seed"] == verify.VERIFY_SEED
+    assert figures["bound"] == verify.fp16_bound(card, figures["logit_scale"])
     for name in FP16_FIGURES:
         assert 0 < figures[name] <= figures["bound"], name  # 0 would mean fp16 never ran
     assert figures["teacher_forced_top1_agreement"] >= verify.FP16_MIN_TOP1_AGREEMENT
@@ -38,6 +40,22 @@ def check_fp16_figures(card: ModelCard) -> dict:
 
 def test_fp16_model_dir_card_and_figures(test_fp16_model_dir):
     check_fp16_figures(ModelCard.load(test_fp16_model_dir))
+
+
+def test_fp16_verification_is_seeded(test_checkpoint, test_fp16_model_dir):
+    """The same tokens, so the same figures, on every run: the export's figures come back exactly."""
+    model, _ = load_checkpoint(test_checkpoint)
+    card = ModelCard.load(test_fp16_model_dir)
+    assert verify.measure(model, test_fp16_model_dir, card, bound=None) == card.verification
+
+
+def test_fp16_bound_scales_with_the_logits_and_the_square_root_of_depth(test_fp16_model_dir):
+    card = ModelCard.load(test_fp16_model_dir)
+    deeper = dataclasses.replace(card, n_layers=4 * (card.n_layers + 1) - 1)
+    assert verify.fp16_bound(card, 8.0) == pytest.approx(2 * verify.fp16_bound(card, 4.0))
+    assert verify.fp16_bound(deeper, 4.0) == pytest.approx(2 * verify.fp16_bound(card, 4.0))
+    units = verify.FP16_BOUND_UNITS[card.architecture]
+    assert verify.fp16_bound(card, 1.0) == pytest.approx(units * 2 ** -10 * (card.n_layers + 1) ** 0.5)
 
 
 def test_fp16_graph_has_fp16_weights_and_cache_and_float32_logits(test_fp16_model_dir):
@@ -120,6 +138,7 @@ def test_fp16_rmsnorm_keeps_its_statistics_in_fp32():
 
 
 def test_half_precision_copies_the_model_and_leaves_it_fp32():
+    torch.manual_seed(0)
     model = Transformer(preset("test-llama"))
     half = half_precision(model)
     assert all(p.dtype == torch.float32 for p in model.parameters())
