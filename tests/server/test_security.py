@@ -20,7 +20,6 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from attnserve.v1 import generation_pb2 as pb
 from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import AttnserveClient, build_request, channel_credentials
 from tests.server.helpers import ROOT, HeldStream, ServerProcess, wait_until
