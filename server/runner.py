@@ -58,7 +58,7 @@ class StepInputs:
 
 def onnxruntime_has_query_seqlens() -> bool:
     """Does this onnxruntime's GroupQueryAttention take query_seqlens? (1.32 does; 1.31, the newest
-    onnxruntime-gpu on PyPI when this was written, does not and refuses the serving graph.)"""
+    onnxruntime-gpu on PyPI when this was written, does not: it loads only the dir's second graph.)"""
     from onnxruntime.capi import _pybind_state
 
     schemas = [s for s in _pybind_state.get_all_operator_schema()
