@@ -101,50 +101,65 @@ class CertificateReloader:
 
     def __init__(self, cert_file: str, key_file: str, client_ca_file: str = ""):
         self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
-        self._signature = file_signature(cert_file, key_file)
+        self._signature = self._files_signature()
         self.pair = load_pair(cert_file, key_file)
         self.client_ca = load_client_ca(client_ca_file) if client_ca_file else None
         self._lock = threading.Lock()
-        self._handed_to_grpc: Optional[CertificatePair] = None
+        self._served = (self.pair, self.client_ca)  # what gRPC's next handshake should get; swapped whole
+        self._handed_to_grpc: Optional[tuple] = None
         self._contexts: list[ssl.SSLContext] = []
+
+    def _files_signature(self) -> tuple:
+        return file_signature(*(p for p in (self.cert_file, self.key_file, self.client_ca_file) if p))
 
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
 
     def poll(self) -> bool:
-        """Pick up rotated files: True when a new pair is now served. A broken pair is logged and refused."""
-        signature = file_signature(self.cert_file, self.key_file)
+        """Pick up rotated files: True when a new pair (or client CA) is now served. A broken one is logged and refused.
+
+        A new client CA is trusted at once; on HTTP listeners (metrics) the previous CA also stays trusted until
+        a restart, since an SSLContext can add CAs but not drop them."""
+        signature = self._files_signature()
         if signature == self._signature:
             return False
         self._signature = signature
         try:
             pair = load_pair(self.cert_file, self.key_file)
+            client_ca = load_client_ca(self.client_ca_file) if self.client_ca_file else None
             for context in self._contexts:  # new connections only; the files were just checked
                 context.load_cert_chain(self.cert_file, self.key_file)
+                if client_ca is not None and client_ca != self.client_ca:
+                    context.load_verify_locations(cadata=client_ca.decode())
         except (TlsError, ssl.SSLError, OSError) as e:
             log.error("TLS rotation refused, still serving certificate %s: %s", self.pair.fingerprint[:16], e)
             return False
+        if pair == self.pair and client_ca == self.client_ca:
+            return False  # touched, not changed
+        previous_ca = self.client_ca
         with self._lock:
-            self.pair = pair
-        log.info("TLS certificate rotated: %s (%s), valid until %s", pair.fingerprint[:16], pair.subject,
-                 f"{pair.not_after:%Y-%m-%d %H:%M} UTC")
+            self.pair, self.client_ca = pair, client_ca
+            self._served = (pair, client_ca)
+        log.info("TLS files reloaded: certificate %s (%s), valid until %s%s", pair.fingerprint[:16], pair.subject,
+                 f"{pair.not_after:%Y-%m-%d %H:%M} UTC", "; client CA replaced" if client_ca != previous_ca else "")
         return True
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
-        def configuration(pair: CertificatePair):
-            return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)], self.client_ca)
+        def configuration(served: tuple):
+            pair, client_ca = served
+            return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.cert_pem)], client_ca)
 
-        def fetch():  # called by gRPC on every handshake: no I/O here, only the pair poll() last accepted
+        def fetch():  # called by gRPC on every handshake: no I/O here, only what poll() last accepted
             with self._lock:
-                if self._handed_to_grpc is self.pair:
+                if self._handed_to_grpc is self._served:
                     return None  # keep serving the configuration handed over last
-                self._handed_to_grpc = self.pair
-                return configuration(self.pair)
+                self._handed_to_grpc = self._served
+                return configuration(self._served)
 
         with self._lock:
-            self._handed_to_grpc = self.pair
-        return grpc.dynamic_ssl_server_credentials(configuration(self.pair), fetch,
+            self._handed_to_grpc = self._served
+        return grpc.dynamic_ssl_server_credentials(configuration(self._served), fetch,
                                                    require_client_authentication=self.mutual)
 
     def track(self, context: ssl.SSLContext) -> None:

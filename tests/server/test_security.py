@@ -176,6 +176,34 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_server, pki, pla
     assert b"attnserve_kv_slots_in_use" in body.read()
 
 
+def test_a_rotated_client_ca_decides_who_may_connect_next(test_model_dir, pki, tmp_path):
+    ca_file = Path(shutil.copy(pki["ca"], tmp_path / "clients-ca.crt"))
+    server = ServerProcess(test_model_dir, *tls_flags(pki["server_cert"], pki["server_key"]),
+                           "--tls-client-ca-file", str(ca_file))
+    try:
+        new_ca = trustme.CA()
+        new_client = write_pair(new_ca.issue_cert("client@example.com"), tmp_path, "new-client")
+
+        def generates(client) -> bool:
+            stub, channel = tls_stub(server.port, pki["ca"], *client)
+            try:
+                return len(greedy(stub)) == 12
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+            finally:
+                channel.close()
+
+        assert generates((pki["client_cert"], pki["client_key"])) and not generates(new_client)
+        new_ca.cert_pem.write_to_path(str(tmp_path / "ca.tmp"))
+        (tmp_path / "ca.tmp").replace(ca_file)
+        wait_until(lambda: generates(new_client), 10 * RELOAD_SECONDS + 10, "the new client CA was never trusted")
+        assert not generates((pki["client_cert"], pki["client_key"]))  # gRPC trusts the new CA alone
+        assert any("client CA replaced" in line for line in server.log)
+    finally:
+        server.stop()
+
+
 def test_the_plaintext_health_port_answers_under_mutual_tls_and_serves_nothing_else(mtls_server):
     channel = grpc.insecure_channel(f"127.0.0.1:{mtls_server.health_port}")
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
