@@ -142,7 +142,8 @@ class AttnserveGrpc(System):
     @property
     def command(self) -> list[str]:
         return [sys.executable, "-m", "server", "--model", str(self.model_dir), "--host", "127.0.0.1",
-                "--port", "0", "--metrics-port", "0", "--device", "cpu", *self.server_settings.flags()]
+                "--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "cpu",
+                *self.server_settings.flags()]
 
     async def start(self) -> None:
         import grpc

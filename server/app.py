@@ -5,6 +5,7 @@
     grpc.aio server: Generation service, grpc.health.v1.Health, reflection ─┘
         (TLS or mutual TLS and API keys from server/security.py, when configured)
     prometheus /metrics (server/metrics.py observes the engine; TLS like gRPC)
+    OpenAI-compatible HTTP API (server/http_api.py, aiohttp on the same loop; --http-port, 0 = off)
     optional plaintext health-only listener (--health-port) for probes that cannot speak mutual TLS
 
 Shutdown: health turns NOT_SERVING, new requests get UNAVAILABLE, accepted
@@ -37,6 +38,7 @@ from server.faults import FaultInjectingRunner, parse_fault_spec
 from server.kv_buffers import CacheShape
 from server.prompts import PromptCodec, load_tokenizer
 from server.grpc_auth import ApiKeyInterceptor
+from server import http_api
 from server.runner import ModelRunner, StepInputs
 from server.security import Security, SecurityError
 from server.service import SERVICE_DESCRIPTOR, SERVICE_NAME, GenerationService
@@ -143,14 +145,20 @@ class Server:
     security: Security
     health_server: Optional[grpc.aio.Server] = None  # the plaintext health-only listener, if any
     health_port: int = -1
+    http_runner: Optional[object] = None  # the OpenAI-compatible HTTP API's aiohttp AppRunner, if on
+    http_port: int = 0  # 0 = off
+    serving: bool = False  # what grpc health says; /health reads it
 
     async def stop_listeners(self, grace: float) -> None:
         self.security.stop_reloading()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
         if self.health_server is not None:
             await self.health_server.stop(grace=grace)
         await self.grpc_server.stop(grace=grace)
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -267,6 +275,19 @@ async def start_server(config: ServerConfig) -> Server:
     security.start_reloading()
     server = Server(grpc_server, port, metrics_port, engine, health, config, broken, security, health_server,
                     health_port)
+    if config.http_port:
+        api = http_api.HttpApi(service, http_api.HttpSettings(
+            served_name=config.served_model_name or card.name, max_request_bytes=config.max_request_bytes,
+            serving=lambda: server.serving, keys=security.keys, on_api_key_checked=observer.on_api_key_checked,
+            on_request=observer.on_http_request))
+        try:
+            server.http_runner = await http_api.start(api, config.host, config.http_port, security.http_ssl_context())
+        except OSError as e:
+            await server.stop_listeners(grace=0)
+            await loop.run_in_executor(None, engine.stop)
+            raise StartupError(f"cannot serve the HTTP API on {config.host}:{config.http_port} "
+                               f"({e.strerror or e}); is the port in use?") from None
+        server.http_port = config.http_port
     await server.set_serving(True)
     return server
 
@@ -280,11 +301,11 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "attnserve ready: grpc %s:%d, metrics %s, health %s, %s, model %s (%s, %s), %d KV slots x %d tokens",
+        "attnserve ready: grpc %s:%d, metrics %s, health %s, %s, model %s (%s, %s), %d KV slots x %d tokens, http %s",
         config.host, server.port, server.metrics_port if server.metrics_port >= 0 else "off",
         server.health_port if server.health_port >= 0 else "on the grpc port", server.security.mode,
         server.engine.card.name, server.engine.runner.provider, server.engine.card.dtype,
-        config.kv_slots, server.engine.config.max_seq_len,
+        config.kv_slots, server.engine.config.max_seq_len, server.http_port or "off",
     )
     done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), asyncio.create_task(server.broken.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)

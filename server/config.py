@@ -66,6 +66,10 @@ class ServerConfig:
     reflection_needs_api_key: str = _option("off", "on: server reflection also needs an API key", choices=("on", "off"))
     metrics_needs_api_key: str = _option("off", "on: /metrics also needs an API key (Prometheus: "
                                          "`authorization: {credentials_file: ...}`)", choices=("on", "off"))
+    http_port: int = _option(8000, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
+                             "/v1/models, /health; docs/openai.md); 0 disables it")
+    served_model_name: str = _option("", "the model name the HTTP API answers to and reports; empty = the model "
+                                     "card's name")
     health_port: int = _option(-1, "a plaintext listener serving only grpc.health.v1, for probes that cannot "
                                "speak (mutual) TLS; 0 picks a free one, -1 disables it")
     fault_injection: str = _option(
@@ -84,6 +88,8 @@ class ServerConfig:
             problems.append(f"--prefill-tokens-per-decode-row must be at least 0, got {self.prefill_tokens_per_decode_row}")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.http_port <= 65535:
+            problems.append(f"--http-port must be in [0, 65535] (0 = off), got {self.http_port}")
         for name in ("metrics_port", "health_port"):
             if not -1 <= getattr(self, name) <= 65535:
                 problems.append(f"--{name.replace('_', '-')} must be in [-1, 65535], got {getattr(self, name)}")

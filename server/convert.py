@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
 from typing import Optional
 
 from attnserve.v1 import generation_pb2 as pb
-from server import validation
-from server.errors import InvalidRequestError
+from server import requests
 from server.prompts import PromptCodec
-from server.types import FinishReason, GenerationRequest, GenerationUpdate, ServedModel, TokenLogprob
+from server.types import FinishReason, GenerationRequest, GenerationUpdate, RequestFields, ServedModel, TokenLogprob
 from server.validation import Limits
 
 FINISH_REASONS = {
@@ -21,47 +18,43 @@ FINISH_REASONS = {
 }
 
 
-def prompt_ids(message, codec: PromptCodec, limits: Limits) -> list[int]:
-    """Token ids of a GenerateRequest's or TokenizeRequest's input, whichever form it takes."""
+def input_fields(message) -> RequestFields:
+    """The input (prompt, chat messages or token ids) of a GenerateRequest or TokenizeRequest."""
     kind = message.WhichOneof("input")
     if kind == "prompt":
-        if not message.prompt:
-            raise InvalidRequestError("prompt", "is empty; send some text")
-        prompt = validation.prompt_text(message.prompt, limits, "prompt")
-        return validation.prompt_token_ids(codec.encode_prompt(prompt), limits, "prompt")
+        return RequestFields(prompt=message.prompt)
     if kind == "messages":
-        if len(message.messages.messages) > limits.context:  # a chat template frames each message in tokens
-            raise InvalidRequestError("messages", f"{len(message.messages.messages)} messages cannot fit in the "
-                                                  f"context of {limits.context} tokens")
-        chat = [(m.role, m.content) for m in message.messages.messages]
-        validation.prompt_text("".join(content for _, content in chat), limits, "messages")
-        return validation.prompt_token_ids(codec.encode_chat(chat, limits.max_prompt_chars), limits, "messages")
+        return RequestFields(messages=tuple((m.role, m.content) for m in message.messages.messages))
     if kind == "prompt_token_ids":
-        return validation.prompt_token_ids(list(message.prompt_token_ids.ids), limits, "prompt_token_ids")
-    raise InvalidRequestError("prompt", "is missing; set one of prompt, messages or prompt_token_ids")
+        return RequestFields(prompt_token_ids=tuple(message.prompt_token_ids.ids))
+    return RequestFields()
 
 
-def request_from_proto(message: pb.GenerateRequest, codec: PromptCodec, limits: Limits,
-                       time_remaining: Optional[float]) -> GenerationRequest:
-    ids = prompt_ids(message, codec, limits)
+def request_fields(message: pb.GenerateRequest) -> RequestFields:
     sampling = message.sampling
-    params = validation.sampling_params(
+    return dataclasses.replace(
+        input_fields(message),
+        max_new_tokens=message.max_new_tokens,
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p if sampling.HasField("top_p") else None,
         repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else None,
         seed=sampling.seed if sampling.HasField("seed") else None,
-    )
-    return GenerationRequest(
-        request_id=validation.request_id(message.request_id, limits) or uuid.uuid4().hex,
-        prompt_token_ids=ids,
-        max_new_tokens=validation.max_new_tokens(message.max_new_tokens, len(ids), limits),
-        sampling=params,
-        stop=validation.stop_strings(list(message.stop), limits),
-        logprobs=validation.logprobs(message.logprobs, limits),
-        deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
+        stop=tuple(message.stop),
+        logprobs=message.logprobs,
+        request_id=message.request_id,
         ignore_eos=message.ignore_eos,
     )
+
+
+def prompt_ids(message, codec: PromptCodec, limits: Limits) -> list[int]:
+    """Token ids of a GenerateRequest's or TokenizeRequest's input, whichever form it takes."""
+    return requests.prompt_ids(input_fields(message), codec, limits)
+
+
+def request_from_proto(message: pb.GenerateRequest, codec: PromptCodec, limits: Limits,
+                       time_remaining: Optional[float]) -> GenerationRequest:
+    return requests.generation_request(request_fields(message), codec, limits, time_remaining)
 
 
 def logprobs_to_proto(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:

@@ -45,6 +45,8 @@ DEADLINE_SLACK_SECONDS = 0.1
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")  # error = failed inside the engine
 REJECTION_REASONS = ("queue_full", "draining")
+# The HTTP API's routes (server/http_api.py); anything else counts as "other".
+HTTP_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health")
 # The status codes attnserve's own handlers end with (server/errors.py, client cancellation, deadlines, bugs).
 GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
                        "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")
@@ -81,6 +83,7 @@ class Metrics(EngineObserver):
         self.rejected = counter("attnserve_requests_rejected_total", "Requests refused before running, by reason.", ["reason"])
         self.step_failures = counter("attnserve_engine_step_failures_total", "Engine steps that raised.")
         self.api_key_checks = counter("attnserve_api_key_checks_total", "API key checks, by outcome (accepted, missing, wrong).", ["outcome"])
+        self.http_requests = counter("attnserve_http_requests_total", "OpenAI-compatible HTTP API requests, by route and HTTP status code.", ["route", "code"])
 
         self.running = gauge("attnserve_requests_running", "Requests holding a KV slot.")
         self.waiting = gauge("attnserve_requests_waiting", "Requests waiting for a KV slot.")
@@ -109,6 +112,8 @@ class Metrics(EngineObserver):
         self.step_failures.labels(self.model)
         for outcome in OUTCOMES:
             self.api_key_checks.labels(self.model, outcome)
+        for route in HTTP_ROUTES:
+            self.http_requests.labels(self.model, route, "200")
         self.prompt_tokens.labels(self.model)
         self.generated_tokens.labels(self.model)
 
@@ -142,6 +147,9 @@ class Metrics(EngineObserver):
 
     def on_api_key_checked(self, outcome: str) -> None:
         self.api_key_checks.labels(self.model, outcome).inc()
+
+    def on_http_request(self, route: str, status: int) -> None:
+        self.http_requests.labels(self.model, route, str(status)).inc()
 
     def init_grpc_service(self, service) -> None:
         """Create the series of a protobuf ServiceDescriptor's methods at zero, for each code attnserve returns."""

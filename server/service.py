@@ -227,6 +227,8 @@ class GenerationService:
             if not finished:
                 self.engine.cancel(handle)
 
+    updates = _updates  # the shared submit/await path; the HTTP API (server/http_api.py) uses it too
+
     def _cancel_stalled(self, handle: int, request: GenerationRequest) -> None:
         log.warning("request %s: the client took no output for %.0f s; cancelling it to free its KV slot",
                     request.request_id, self.stall_timeout_seconds)

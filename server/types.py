@@ -26,6 +26,29 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@dataclass(frozen=True)
+class RequestFields:
+    """A generation request as a client stated it, before validation: what each protocol's edge fills in
+    (server/convert.py for gRPC, server/openai_convert.py for HTTP) and server/requests.py checks, once for all.
+
+    Exactly one of prompt, messages and prompt_token_ids is the input (None: not given); None elsewhere means
+    "not set, take the default"."""
+
+    prompt: Optional[str] = None
+    messages: Optional[tuple[tuple[str, str], ...]] = None  # (role, content)
+    prompt_token_ids: Optional[tuple[int, ...]] = None
+    max_new_tokens: int = 0  # 0 = the server's default
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+    request_id: str = ""
+    ignore_eos: bool = False
+
+
 @dataclass
 class GenerationRequest:
     """A validated request, as the engine sees it: token ids in, token ids out."""

@@ -18,7 +18,7 @@ EXIT_WITHIN_SECONDS = 30  # importing onnxruntime and loading the test model tak
 
 def _start(model_dir: Path, *flags: str) -> tuple[int, str, float]:
     command = [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--kv-slots", "2", "--max-seq-len", "256", *flags]
+               "--metrics-port", "0", "--http-port", "0", "--kv-slots", "2", "--max-seq-len", "256", *flags]
     started = time.monotonic()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=EXIT_WITHIN_SECONDS + 30)
     return result.returncode, result.stdout + result.stderr, time.monotonic() - started

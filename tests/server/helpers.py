@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # CPU onnxruntime 1.31.1, installed by `make setup` beside the venv's own onnxruntime (put it first on PYTHONPATH).
 ONNXRUNTIME_1_31 = ROOT / ".venv" / "onnxruntime-1.31.1"
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off), health (\d+|on the grpc port)")
+READY_HTTP = re.compile(r", http (\d+|off)$")
 
 
 def wait_until(condition, timeout: float, message, interval: float = 0.05):
@@ -92,13 +93,15 @@ class ServerProcess(_Client):
     """`python -m server` in a subprocess; its log is collected for assertions and failures."""
 
     def __init__(self, model_dir: Path, *flags: str, startup_timeout: float = 120.0, env: Optional[dict] = None):
+        # The HTTP API is off unless a test asks for it: its default port (8000) is fixed, and tests start many servers.
+        http = () if "--http-port" in flags else ("--http-port", "0")
         command = [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1",
-                   "--port", "0", "--metrics-port", "0", *flags]
+                   "--port", "0", "--metrics-port", "0", *http, *flags]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.log: list[str] = []
         self._ready = threading.Event()
-        self.port = self.metrics_port = self.health_port = None
+        self.port = self.metrics_port = self.health_port = self.http_port = None
         threading.Thread(target=self._read_log, daemon=True).start()
         if not self._ready.wait(startup_timeout) or self.port is None:
             self.stop()
@@ -112,6 +115,8 @@ class ServerProcess(_Client):
                 self.port = int(match.group(1))
                 self.metrics_port = None if match.group(2) == "off" else int(match.group(2))
                 self.health_port = int(match.group(3)) if match.group(3).isdigit() else None
+                http = READY_HTTP.search(line.rstrip())
+                self.http_port = int(http.group(1)) if http and http.group(1).isdigit() else None
                 self._ready.set()
         self._ready.set()
 
@@ -140,6 +145,7 @@ class InProcessServer(_Client):
         from server.app import start_server
         from server.config import ServerConfig
 
+        settings.setdefault("http_port", 0)  # off unless asked for: its default port is fixed
         config = ServerConfig(model=Path(model_dir), host="127.0.0.1", port=0, metrics_port=-1, **settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="in-process-server", daemon=True)
