@@ -90,5 +90,11 @@ test-fast: setup deploy-tools
 soak: setup
 	ATTNSERVE_SOAK_SECONDS=300 ATTNSERVE_FUZZ_EXAMPLES=1200 $(PY) -m pytest -q tests/reliability
 
+# The serving image built and run for real (Debian's buildah, podman and mmdebstrap; no Docker engine):
+# deploy/image_test.py, which tests/deploy/test_image_build.py runs too. The base is cached in /var/tmp/attnserve-images.
+.PHONY: image-test
+image-test: setup
+	$(PY) deploy/image_test.py
+
 clean:
 	rm -rf $(VENV) models checkpoints proto/attnserve/v1/*_pb2*.py*
