@@ -52,26 +52,26 @@ def translate(error: InvalidRequestError, aliases: Optional[dict[str, str]] = No
     return InvalidRequestError(name, problem)
 
 
+# (exception type, HTTP status, OpenAI error type, error code), most specific first: the one place where
+# engine outcomes become HTTP answers. Anything else is a bug: 500, without a traceback.
+_STATUS = (
+    (InvalidRequestError, 400, "invalid_request_error", None),
+    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (RouteNotFoundError, 404, "invalid_request_error", "not_found"),
+    (UnauthenticatedError, 401, "invalid_request_error", "invalid_api_key"),
+    (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
+    (QueueFullError, 429, "rate_limit_error", "rate_limit_exceeded"),
+    (ServerDrainingError, 503, "server_error", "server_unavailable"),
+    (DeadlineExceededError, 504, "server_error", "timeout"),
+    (AttnserveError, 500, "server_error", None),
+)
+
+
 def classify(error: BaseException) -> tuple[int, str, Optional[str], str]:
     """(HTTP status, OpenAI error type, error code, message) of any exception; never a traceback."""
-    if isinstance(error, InvalidRequestError):
-        return 400, "invalid_request_error", None, str(error)
-    if isinstance(error, ModelNotFoundError):
-        return 404, "invalid_request_error", "model_not_found", str(error)
-    if isinstance(error, RouteNotFoundError):
-        return 404, "invalid_request_error", "not_found", str(error)
-    if isinstance(error, UnauthenticatedError):
-        return 401, "invalid_request_error", "invalid_api_key", str(error)
-    if isinstance(error, RequestTooLargeError):
-        return 413, "invalid_request_error", "request_too_large", str(error)
-    if isinstance(error, QueueFullError):
-        return 429, "rate_limit_error", "rate_limit_exceeded", str(error)
-    if isinstance(error, ServerDrainingError):
-        return 503, "server_error", "server_unavailable", str(error)
-    if isinstance(error, DeadlineExceededError):
-        return 504, "server_error", "timeout", str(error)
-    if isinstance(error, AttnserveError):
-        return 500, "server_error", None, str(error)
+    for kind, status, error_type, code in _STATUS:
+        if isinstance(error, kind):
+            return status, error_type, code, str(error)
     return 500, "server_error", None, f"internal error ({type(error).__name__}); see the server log"
 
 
