@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import math
 import re
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -29,7 +28,7 @@ from server.contract import ModelCard
 from attnserve.v1 import generation_pb2 as pb
 from server.client import build_request
 from tests.deploy.helpers import DEPLOY, dashboard_targets, load_dashboard, load_rules_spec, run, tool
-from tests.server.helpers import ServerProcess
+from tests.server.helpers import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +41,7 @@ class Prometheus:
     """The Debian `prometheus` binary on 127.0.0.1 with its own config and storage."""
 
     def __init__(self, workdir, metrics_port: int, rule_file):
-        self.port = _free_port()
+        self.port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rule_file)],
@@ -98,11 +97,6 @@ class Prometheus:
                 self.process.wait(5)
         self.log.close()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import socket
 import time
 
 import grpc
@@ -13,13 +12,8 @@ import pytest
 from attnserve.v1 import generation_pb2_grpc as pb_grpc
 from server.client import AttnserveClient, build_request
 from tests.reliability.helpers import slow_reader_channel, wait_for_no_work, wait_until
-from tests.server.helpers import ServerProcess
+from tests.server.helpers import ServerProcess, free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stalled_stream(server):
@@ -59,7 +53,7 @@ def test_unavailable_is_retried_with_backoff(test_model_dir, server_process):
 
 def test_a_call_made_before_the_server_is_up_succeeds_once_it_is(test_model_dir):
     """wait_for_ready: the call waits (within its deadline) for the server to bind its port."""
-    port = _free_port()
+    port = free_port()
     with AttnserveClient(f"127.0.0.1:{port}", timeout=60, wait_for_ready=True) as client, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(client.generate, prompt_token_ids=[1, 2, 3], max_new_tokens=4, ignore_eos=True)
@@ -73,7 +67,7 @@ def test_a_call_made_before_the_server_is_up_succeeds_once_it_is(test_model_dir)
 
 
 def test_without_wait_for_ready_a_missing_server_fails_fast(tmp_path):
-    with AttnserveClient(f"127.0.0.1:{_free_port()}", timeout=30) as client:
+    with AttnserveClient(f"127.0.0.1:{free_port()}", timeout=30) as client:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             client.generate(prompt_token_ids=[1, 2, 3], max_new_tokens=4)
@@ -82,7 +76,7 @@ def test_without_wait_for_ready_a_missing_server_fails_fast(tmp_path):
 
 
 def test_the_deadline_bounds_waiting_for_a_server(tmp_path):
-    with AttnserveClient(f"127.0.0.1:{_free_port()}", timeout=1.0, wait_for_ready=True) as client:
+    with AttnserveClient(f"127.0.0.1:{free_port()}", timeout=1.0, wait_for_ready=True) as client:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             client.generate(prompt_token_ids=[1, 2, 3], max_new_tokens=4)

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ONNXRUNTIME_1_31 = ROOT / ".venv" / "onnxruntime-1.31.1"
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off), health (\d+|on the grpc port)")
 READY_HTTP = re.compile(r", http (\d+|off)$")
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a listener that cannot bind port 0 itself (the OS may still reuse it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_until(condition, timeout: float, message, interval: float = 0.05):

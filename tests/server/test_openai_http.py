@@ -22,7 +22,7 @@ from server.errors import InvalidRequestError, QueueFullError, ServerDrainingErr
 from server.http_errors import ModelNotFoundError, classify, error_body, translate
 from server.convert import request_fields
 from server.openai_convert import to_request_fields
-from tests.server.helpers import HeldStream, InProcessServer, wait_until
+from tests.server.helpers import HeldStream, InProcessServer, free_port, wait_until
 
 FLAGS = ("--kv-slots", "2", "--max-seq-len", "1024", "--max-request-bytes", "65536",
          "--max-new-tokens-limit", "1000", "--default-max-new-tokens", "16")
@@ -30,11 +30,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endf
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
 PROMPT_IDS = [5, 17, 42, 9, 88, 3, 21]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sdk(server, api_key: str = "unused") -> openai.OpenAI:
