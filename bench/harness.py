@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from bench import bandwidth, report
+from bench import bandwidth, peers, report
 from bench.loadgen import closed_loop, occupancy, open_loop, summarize
 from bench.systems import (ROOT, AttnserveGrpc, AttnserveInProcess, GenaiEngine, GenaiGenerator, OrtRecompute,
                            ServerSettings, System, TorchCachedLoop, TransformersGenerate)
@@ -35,6 +35,10 @@ ALL_SYSTEMS = ("attnserve-grpc", "attnserve-inprocess", "attnserve-slots1", "tor
 AUTO_RATE_FRACTIONS = (0.5, 0.8)  # Poisson rates, as fractions of attnserve-grpc's closed-loop rate at the top concurrency
 LONG_MIX_CONCURRENCY = 16
 LONG_POISSON_FRACTION = 0.7  # of attnserve-grpc's closed-loop rate on the long mix
+# Run when named in --systems, or with --peers (bench/peers.py; llamacpp needs `make peers`).
+PEER_SYSTEMS = ("attnserve-http", "llamacpp")
+KNOWN_SYSTEMS = ALL_SYSTEMS + PEER_SYSTEMS
+ALT_PREFIX = "attnserve-grpc:"  # + a --alt-model dir's name
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Plan:
     checkpoint: Optional[Path]
     prefill_chunk_tokens: int
     threads: int
+    gguf: Optional[Path] = None  # llamacpp's model; None: the GGUF the model dir was imported from
+    closed_only: bool = False  # no Poisson or long-mix points (peer comparisons at a few concurrencies)
+    alt_models: tuple[Path, ...] = ()  # more model dirs served like attnserve-grpc: systems attnserve-grpc:<dir name>
     warmup_requests: int = 8
     bandwidth_mb: int = 1024
 
@@ -68,7 +75,13 @@ def parse_args(argv=None) -> Plan:
     parser.add_argument("--model", type=Path, required=True, help="model dir (python -m export)")
     parser.add_argument("--name", help="results name: bench/results/<name>.json (default: the model dir's name)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
-    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                        help=f"comma-separated subset of {','.join(KNOWN_SYSTEMS)} [{','.join(ALL_SYSTEMS)}]")
+    parser.add_argument("--peers", action="store_true", help=f"add {', '.join(PEER_SYSTEMS)} to --systems")
+    parser.add_argument("--alt-model", type=Path, action="append", default=[],
+                        help="another model dir of the same model (quantized weights, say), served over gRPC with the "
+                        "same settings as system attnserve-grpc:<dir name>, after the others; repeatable")
+    parser.add_argument("--gguf", type=Path, help="GGUF for llamacpp (default: the one the model dir was imported from)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop concurrencies [1,4,16,64]")
     parser.add_argument("--no-cache-concurrency", default="1,4",
                         help="concurrencies for no-kv-cache, whose cost grows with the square of the length [1,4]")
@@ -84,6 +97,8 @@ def parse_args(argv=None) -> Plan:
                         "(default: checkpoints/<model name> when it exists)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=256, help="attnserve's per-step prompt budget [256]")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch [all cores]")
+    parser.add_argument("--closed-only", action="store_true",
+                        help="only the closed-loop chat points: no Poisson or long-prompt points for attnserve-grpc")
     parser.add_argument("--quick", action="store_true", help="smoke check: concurrency 1,4, lengths x 1/8, short caps")
     args = parser.parse_args(argv)
 
@@ -91,17 +106,21 @@ def parse_args(argv=None) -> Plan:
         return tuple(int(x) for x in text.split(",") if x)
 
     systems = tuple(s for s in args.systems.split(",") if s)
-    unknown = sorted(set(systems) - set(ALL_SYSTEMS))
+    if args.peers:
+        systems += tuple(s for s in PEER_SYSTEMS if s not in systems)
+    unknown = sorted(set(systems) - set(KNOWN_SYSTEMS))
     if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {', '.join(ALL_SYSTEMS)}")
+        parser.error(f"unknown systems {unknown}; choose from {', '.join(KNOWN_SYSTEMS)}")
     plan = Plan(
         model_dir=args.model, name=args.name or args.model.name, out_dir=args.out, systems=systems,
         concurrency=ints(args.concurrency), no_cache_concurrency=ints(args.no_cache_concurrency),
         rates=None if args.rates == "auto" else tuple(float(r) for r in args.rates.split(",")),
         rounds=args.rounds, min_requests=args.min_requests, poisson_requests=args.poisson_requests,
         time_cap_s=args.time_cap, seed=args.seed, scale=LengthScale(args.length_scale), checkpoint=args.checkpoint,
-        prefill_chunk_tokens=args.prefill_chunk_tokens, threads=args.threads,
+        prefill_chunk_tokens=args.prefill_chunk_tokens, threads=args.threads, gguf=args.gguf,
+        closed_only=args.closed_only, alt_models=tuple(args.alt_model),
     )
+    plan = dataclasses.replace(plan, systems=plan.systems + tuple(ALT_PREFIX + m.name for m in plan.alt_models))
     if args.quick:
         plan = dataclasses.replace(plan, concurrency=(1, 4), no_cache_concurrency=(1, 4), rounds=2, min_requests=4,
                                    poisson_requests=12, time_cap_s=min(args.time_cap, 20.0),
@@ -142,6 +161,19 @@ def build_system(name: str, run: Run) -> Optional[System]:
         return AttnserveGrpc(model_dir, run.settings)
     if name == "attnserve-inprocess":
         return AttnserveInProcess(model_dir, run.settings)
+    if name == "attnserve-http":
+        return peers.AttnserveHttp(model_dir, run.settings)
+    if name.startswith(ALT_PREFIX):
+        alt = next(m for m in plan.alt_models if ALT_PREFIX + m.name == name)
+        return AttnserveGrpc(alt, run.settings, name=name)
+    if name == "llamacpp":
+        binary, gguf = peers.llama_server_path(), plan.gguf or peers.source_gguf(card)
+        reason = peers.llamacpp_skip_reason(binary, gguf)
+        if reason:
+            print(f"llamacpp skipped: {reason}", file=sys.stderr)
+            return None
+        threads = run.settings.intra_op_threads or os.cpu_count()  # attnserve's: 0 is one per core
+        return peers.LlamaCppServer(binary, gguf, run.settings.max_seq_len, threads, plan.concurrency[0])
     if name == "attnserve-slots1":
         return AttnserveGrpc(model_dir, dataclasses.replace(run.settings, kv_slots=1), name="attnserve-slots1")
     if name == "no-kv-cache":
@@ -245,10 +277,13 @@ async def run_system(run: Run, name: str) -> None:
         attnserve = name.startswith("attnserve")
         concurrencies = plan.no_cache_concurrency if name == "no-kv-cache" else plan.concurrency
         for c in concurrencies:
-            slots = run.settings.kv_slots if name in ("attnserve-grpc", "attnserve-inprocess") else (1 if attnserve else c)
+            if await system.prepare(c):  # restarted for this concurrency: warm again
+                await warm_up(run, system)
+            batching = name in ("attnserve-grpc", "attnserve-inprocess", "attnserve-http") or name.startswith(ALT_PREFIX)
+            slots = run.settings.kv_slots if batching else (1 if attnserve else c)
             await measure_point(run, system, "chat", "closed", run.requests("chat", plan.requests_per_point(c)),
                                 concurrency=c, slots=slots)
-        if name == "attnserve-grpc":
+        if name == "attnserve-grpc" and not plan.closed_only:
             await poisson_points(run, system)
     finally:
         await system.stop()
@@ -276,7 +311,7 @@ def planned_requests(plan: Plan) -> int:
     for name in plan.systems:
         cs = plan.no_cache_concurrency if name == "no-kv-cache" else plan.concurrency
         total += sum(plan.requests_per_point(c) for c in cs)
-        if name == "attnserve-grpc":
+        if name == "attnserve-grpc" and not plan.closed_only:
             total += plan.poisson_requests * (len(plan.rates or AUTO_RATE_FRACTIONS) + 1)
             total += plan.requests_per_point(min(LONG_MIX_CONCURRENCY, max(plan.concurrency)))
     return total
@@ -288,7 +323,7 @@ def machine() -> dict:
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal:")), None)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "platform": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu_flags": peers.cpu_flags()}
 
 
 def versions() -> dict:
@@ -329,7 +364,7 @@ async def run_all(plan: Plan, argv: list[str]) -> dict:
         "model": {"dir": str(plan.model_dir), "name": card.name, "architecture": card.architecture,
                   "n_layers": card.n_layers, "d_model": card.model.get("d_model"), "vocab_size": card.vocab_size,
                   "dtype": card.dtype},
-        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(plan).items()},
+        "plan": json.loads(json.dumps(dataclasses.asdict(plan), default=str)),  # paths as strings
         "attnserve_settings": dataclasses.asdict(settings),
         "load_at_start": load_average(),
     }
@@ -347,6 +382,7 @@ async def run_all(plan: Plan, argv: list[str]) -> dict:
     results["systems"] = run.systems
     results["points"] = run.points
     results["targets"] = report.targets(results)
+    results["peer_table"] = peers.peer_table(run.points)
     return results
 
 
@@ -359,5 +395,7 @@ def main(argv=None) -> int:
     results = asyncio.run(run_all(plan, argv))
     paths = report.write(results, plan.out_dir)
     print(report.markdown(results))
+    if results.get("peer_table"):
+        print("\nAgainst llama.cpp, same run:\n\n" + results["peer_table"])
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -10,6 +10,7 @@
       genai-engine          onnxruntime-genai's Engine (its own batching: static batches of up to 4 on this
                             graph; engine.static_batching.max_batch_size in genai_config.json does not change that)
       genai-generator       onnxruntime-genai's Generator, static batches of up to min(`concurrency`, 32)
+      attnserve-http, llamacpp   over HTTP: bench/peers.py
 
 Every system generates greedily, exactly `max_new_tokens` tokens per request
 (end-of-sequence ignored), from the same prompt token ids. Timestamps are
@@ -62,6 +63,10 @@ class System:
 
     def set_concurrency(self, concurrency: int) -> None:
         """The next point's concurrency (static batchers use it as their batch size)."""
+
+    async def prepare(self, concurrency: int) -> bool:
+        """Before a closed-loop point: reconfigure for its concurrency; True when that restarted the system."""
+        return False
 
     async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
         """Generate request.max_new_tokens tokens, appending each one's arrival time to record.token_times."""

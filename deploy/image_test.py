@@ -60,7 +60,9 @@ BASE_SOURCES = ("deb http://deb.debian.org/debian bookworm main",
 BASE_HOOKS = ('rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
               'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin')
 BASE_TAG = "localhost/attnserve-python:3.11-slim-bookworm"
-IMAGE_TAG = "localhost/attnserve:cpu-bare"
+# Per variant (deploy/Dockerfile.cpu or .gpu): the image under test, and the same with a model dir inside.
+IMAGE_TAG = "localhost/attnserve:{variant}-bare"
+MODEL_IMAGE_TAG = "localhost/attnserve:{variant}-test-model"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
                    "all_proxy")
 # pip settings that decide how PyPI is reached; the rest of the host's pip configuration (find-links into a local
@@ -231,9 +233,16 @@ class Engine:
                   "--events-backend", "file", *args, timeout=timeout, check=check)
 
     def close(self) -> None:
-        self.podman("rm", "--all", "--force", "--time", "5", timeout=60, check=False)
-        self.podman("rmi", "--all", "--force", timeout=120, check=False)
-        self.buildah("rm", "--all", timeout=60, check=False)
+        # Each step may be slow (vfs copies whole layers: the GPU image is 3 GB) but never stops the clean-up:
+        # whatever podman leaves, the storage folder is removed below.
+        for step in (lambda: self.podman("rm", "--all", "--force", "--time", "5", timeout=300, check=False),
+                     lambda: self.podman("rmi", "--all", "--force", timeout=300, check=False),
+                     lambda: self.buildah("rm", "--all", timeout=300, check=False)):
+            try:
+                step()
+            except subprocess.TimeoutExpired as error:
+                log(f"clean-up: {' '.join(error.cmd[:1] + error.cmd[-4:])} took over {error.timeout:.0f} s; "
+                    f"removing its storage instead")
         # Anything still mounted under the storage (shm of a container that did not go cleanly) goes first.
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
                   if line.split()[1].startswith(str(self.storage))]
@@ -262,6 +271,10 @@ def remove_abandoned_runs() -> None:
 
 def run_checks(engine: Engine, dockerfile: Path, work: Path, base: Path, timings: dict,
                write_constraints: bool = False) -> None:
+    variant = "gpu" if dockerfile.name.endswith(".gpu") else "cpu"
+    image = IMAGE_TAG.format(variant=variant)
+    if write_constraints:  # the build reads the file: it starts from no pins and then records what it installed
+        constraints_file(variant).write_text(CONSTRAINTS_HEADER.format(variant=variant))
     from tests.server.helpers import HeldStream, ServerProcess, sum_samples, wait_until
 
     # -- the image
@@ -282,13 +295,13 @@ def run_checks(engine: Engine, dockerfile: Path, work: Path, base: Path, timings
         f"\n    mounted read-only in RUN steps: {[v.split(':')[0] for v in volumes[1::2]]}")
     result = engine.buildah("bud", "--file", dockerfile, "--target", "server", "--build-arg",
                             f"PYTHON_IMAGE={BASE_TAG}", *proxies, "--format", "docker", "--pull=never",
-                            "--network", "host", *ulimits(), *volumes, "--tag", IMAGE_TAG, ROOT, timeout=900,
+                            "--network", "host", *ulimits(), *volumes, "--tag", image, ROOT, timeout=1800,
                             check=False)
     if result.returncode != 0:
         raise CheckFailed(f"buildah bud exited {result.returncode}:\n{(result.stdout + result.stderr)[-4000:]}")
     timings["build_s"] = time.monotonic() - started
     log(f"build: {timings['build_s']:.0f} s")
-    config = json.loads(engine.podman("image", "inspect", IMAGE_TAG, timeout=60).stdout)[0]
+    config = json.loads(engine.podman("image", "inspect", image, timeout=60).stdout)[0]
     healthcheck = (config.get("Healthcheck") or config["Config"].get("Healthcheck") or {}).get("Test")
     check(healthcheck, f"the image keeps its HEALTHCHECK (docker format): {healthcheck}")
     check(config["Config"].get("User") == "10001:10001", f"the image's USER is 10001:10001 "
@@ -308,36 +321,24 @@ def run_checks(engine: Engine, dockerfile: Path, work: Path, base: Path, timings
 
     # -- the container
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
     )
 
-    # Every listener on a port of its own (host network): the HTTP API's default 8000 may be taken here.
-    port, metrics_port, http_port = free_port(), free_port(), free_port()
     name = f"attnserve-image-test-{os.getpid()}"
     started = time.monotonic()
-    engine.podman("run", "--detach", "--name", name, "--network", "host", *ulimits(),
-                  "--volume", f"{model_dir}:/models/model:ro", "--env", "ATTNSERVE_HOST=127.0.0.1",
-                  "--env", f"ATTNSERVE_PORT={port}", "--env", f"ATTNSERVE_METRICS_PORT={metrics_port}",
-                  "--env", f"ATTNSERVE_HTTP_PORT={http_port}",
-                  "--env", "ATTNSERVE_KV_SLOTS=2", "--env", "ATTNSERVE_DRAIN_GRACE_SECONDS=60",
-                  "--env", "ATTNSERVE_STREAM_STALL_TIMEOUT_SECONDS=60", IMAGE_TAG, timeout=300)
+    mount = ("--volume", f"{model_dir}:/models/model:ro")
+    device = ()
+    if variant == "gpu":
+        # fp16: the dtype CUDA serves, so that what refuses is the missing GPU, not the model dir's dtype.
+        fp16_dir = work / "model-fp16"
+        sh(sys.executable, "-m", "export", "--checkpoint", work / "checkpoint", "--dtype", "fp16", "--out", fp16_dir,
+           timeout=600)
+        check_refuses_cuda_without_a_gpu(engine, image, ("--volume", f"{fp16_dir}:/models/model:ro"))
+        device = ("--env", "ATTNSERVE_DEVICE=auto")  # and serves on the CPU with --device auto
+    port, metrics_port = start_container(engine, image, name, *mount, *device)
     target = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(target)
-    health = health_pb2_grpc.HealthStub(channel)
-
-    def serving():
-        try:
-            return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            state = engine.podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout.strip()
-            if state not in ("running", "created", "configured"):
-                raise CheckFailed(f"the container is {state}:\n" + logs(engine, name))
-            return False
-
-    wait_until(serving, 120, lambda: "grpc health never said SERVING:\n" + logs(engine, name), interval=0.5)
     timings["ready_s"] = time.monotonic() - started
     check(True, f"grpc health SERVING on {target}, {timings['ready_s']:.1f} s after podman run")
 
@@ -393,7 +394,75 @@ def run_checks(engine: Engine, dockerfile: Path, work: Path, base: Path, timings
           f"the container exited {exit_code}")
     channel.close()
 
-    inspect_image(engine, write_constraints)
+    inspect_image(engine, variant, write_constraints)
+    check_model_inside(engine, variant, model_dir, build_request(**request), reference, timings, device)
+
+
+def check_refuses_cuda_without_a_gpu(engine: Engine, image: str, mount: tuple) -> None:
+    """The GPU image's own default, ATTNSERVE_DEVICE=cuda, on a machine without a usable GPU: one `error:` line,
+    a non-zero exit, never a CPU server that looks like a GPU one."""
+    result = engine.podman("run", "--rm", "--network", "none", *ulimits(), *mount, image, timeout=300, check=False)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    check(result.returncode != 0 and len(errors) == 1 and "could not start CUDAExecutionProvider" in errors[0],
+          f"without a GPU the image's --device cuda refuses to start: exit {result.returncode}, {errors}")
+
+
+def start_container(engine: Engine, image: str, name: str, *volume) -> tuple[int, int]:
+    """podman run of the image's ENTRYPOINT, settings as ATTNSERVE_* variables, until grpc health says SERVING;
+    the gRPC and metrics ports."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.server.helpers import wait_until
+
+    # Every listener on a port of its own (host network): the HTTP API's default 8000 may be taken here.
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    engine.podman("run", "--detach", "--name", name, "--network", "host", *ulimits(), *volume,
+                  "--env", "ATTNSERVE_HOST=127.0.0.1",
+                  "--env", f"ATTNSERVE_PORT={port}", "--env", f"ATTNSERVE_METRICS_PORT={metrics_port}",
+                  "--env", f"ATTNSERVE_HTTP_PORT={http_port}",
+                  "--env", "ATTNSERVE_KV_SLOTS=2", "--env", "ATTNSERVE_DRAIN_GRACE_SECONDS=60",
+                  "--env", "ATTNSERVE_STREAM_STALL_TIMEOUT_SECONDS=60", image, timeout=300)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def serving():
+            try:
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                state = engine.podman("inspect", "--format", "{{.State.Status}}", name, check=False).stdout.strip()
+                if state not in ("running", "created", "configured"):
+                    raise CheckFailed(f"the container is {state}:\n" + logs(engine, name))
+                return False
+
+        wait_until(serving, 120, lambda: "grpc health never said SERVING:\n" + logs(engine, name), interval=0.5)
+    return port, metrics_port
+
+
+def check_model_inside(engine: Engine, variant: str, model_dir: Path, request, reference, timings: dict,
+                       device: tuple) -> None:
+    """deploy/Dockerfile.model: the model dir as the build context, copied into the image; served with no mount."""
+    import grpc
+
+    started = time.monotonic()
+    image = MODEL_IMAGE_TAG.format(variant=variant)
+    engine.buildah("bud", "--file", ROOT / "deploy" / "Dockerfile.model", "--build-arg",
+                   f"SERVER_IMAGE={IMAGE_TAG.format(variant=variant)}", "--format", "docker", "--pull=never",
+                   *ulimits(), "--tag", image, model_dir, timeout=300)
+    timings["model_build_s"] = time.monotonic() - started
+    size = int(engine.podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+    log(f"build: deploy/Dockerfile.model with the model dir as context, {timings['model_build_s']:.0f} s, "
+        f"image {size / 1e6:.0f} MB")
+    name = f"attnserve-image-test-model-{os.getpid()}"
+    port, _ = start_container(engine, image, name, *device)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = grpc_stub(channel).Generate(request, timeout=60)
+    check(list(answer.token_ids) == list(reference.token_ids),
+          f"the image with the model inside (no mount) answers Generate as the host does: {list(answer.token_ids)}")
+    result = engine.podman("stop", "--time", "30", name, timeout=60, check=False)
+    exit_code = engine.podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+    check(result.returncode == 0 and exit_code == "0", f"podman stop: the container exited {exit_code}")
 
 
 def grpc_stub(channel):
@@ -417,16 +486,17 @@ print(json.dumps({"absent": absent, "dists": dists, "python": sys.version.split(
 """
 
 
-def inspect_image(engine: Engine, write_constraints: bool = False) -> None:
+def inspect_image(engine: Engine, variant: str, write_constraints: bool = False) -> None:
     """What the serving image holds, by running its own python."""
+    image = IMAGE_TAG.format(variant=variant)
     result = engine.podman("run", "--rm", "--network", "none", *ulimits(), "--workdir", "/", "--entrypoint",
-                           "python", IMAGE_TAG, "-c", INSIDE % (FORBIDDEN,), timeout=120)
+                           "python", image, "-c", INSIDE % (FORBIDDEN,), timeout=120)
     held = json.loads(result.stdout.strip().splitlines()[-1])
     present = [m for m, absent in held["absent"].items() if not absent]
     check(not present, f"the image's python finds none of {', '.join(FORBIDDEN)}"
                        + (f" (found: {present})" if present else ""))
     # A bind-mount target that the image lacked stays behind as an empty file: the mount's contents do not.
-    files = engine.podman("run", "--rm", "--network", "none", *ulimits(), "--entrypoint", "sh", IMAGE_TAG, "-c",
+    files = engine.podman("run", "--rm", "--network", "none", *ulimits(), "--entrypoint", "sh", image, "-c",
                           "for f in /export /model /src /opt/venv/lib/python3*/site-packages/export "
                           "/opt/venv/lib/python3*/site-packages/model; do [ -e $f ] && echo $f; done; "
                           "[ -s /etc/pip.conf ] && echo /etc/pip.conf; "
@@ -435,46 +505,52 @@ def inspect_image(engine: Engine, write_constraints: bool = False) -> None:
     check(not files, "no export/, model/ or /src in the image, and the build's pip.conf and CA bundle did not stay"
                      + (f" (found {files})" if files else ""))
 
-    size = int(engine.podman("image", "inspect", "--format", "{{.Size}}", IMAGE_TAG).stdout.strip())
-    log(f"image {IMAGE_TAG}: {size / 1e6:.0f} MB, python {held['python']}; layers (without --layers buildah "
+    size = int(engine.podman("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+    log(f"image {image}: {size / 1e6:.0f} MB, python {held['python']}; layers (without --layers buildah "
         f"commits a stage's instructions as one layer, its size shown on the stage's last step):")
-    history = engine.podman("history", "--format", "{{.Size}}\t{{.CreatedBy}}", IMAGE_TAG).stdout
+    history = engine.podman("history", "--format", "{{.Size}}\t{{.CreatedBy}}", image).stdout
     for line in history.strip().splitlines():
         layer_size, _, created_by = line.partition("\t")
         print(f"    {layer_size:>10}  {created_by.strip()[:110]}", flush=True)
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["cpu"]
+    requirements = project["dependencies"] + project["optional-dependencies"][variant]
     pinned = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-") for r in requirements if "==" in r}
     installed = {name: version for name, version in held["dists"] if name not in ("pip", "setuptools", "attnserve")}
     unpinned = sorted(f"{n}=={v}" for n, v in installed.items() if n not in pinned)
     log(f"{len(installed)} packages installed in /opt/venv (besides attnserve, pip, setuptools); "
         f"{len(unpinned)} not pinned by pyproject.toml: {' '.join(unpinned)}")
+    constraints = constraints_file(variant)
     if write_constraints:
-        CONSTRAINTS.write_text(CONSTRAINTS_HEADER + "".join(f"{n}=={v}\n" for n, v in sorted(installed.items())))
-        log(f"wrote {CONSTRAINTS.relative_to(ROOT)} ({len(installed)} packages)")
+        constraints.write_text(CONSTRAINTS_HEADER.format(variant=variant) + "".join(f"{n}=={v}\n" for n, v in sorted(installed.items())))
+        log(f"wrote {constraints.relative_to(ROOT)} ({len(installed)} packages)")
         return
-    constrained = read_constraints()
+    constrained = read_constraints(constraints)
     outside = sorted(f"{n}=={v}" for n, v in installed.items() if n not in constrained)
-    log(f"{len(installed) - len(outside)} of them pinned by {CONSTRAINTS.relative_to(ROOT)}; outside it: "
+    log(f"{len(installed) - len(outside)} of them pinned by {constraints.relative_to(ROOT)}; outside it: "
         f"{' '.join(outside) or 'none'}" + ("  (refresh: deploy/image_test.py --write-constraints)" if outside else ""))
     differ = sorted(f"{n} {installed[n]} (constraint {v})" for n, v in constrained.items()
                     if n in installed and installed[n] != v)
-    # Reported, not enforced: the build does not read the file (.dockerignore keeps it out of the context).
-    log(f"versions differing from {CONSTRAINTS.relative_to(ROOT)}: {', '.join(differ) or 'none'}")
+    # The build installs with `-c deploy/constraints-<variant>.txt`: a difference means the file did not reach it.
+    check(not differ, f"the image's packages are the versions {constraints.relative_to(ROOT)} pins"
+                      + (f" (differing: {', '.join(differ)})" if differ else ""))
 
 
-CONSTRAINTS = ROOT / "deploy" / "constraints-cpu.txt"
+def constraints_file(variant: str) -> Path:
+    return ROOT / "deploy" / f"constraints-{variant}.txt"
+
+
 CONSTRAINTS_HEADER = ("# The serving image's Python packages at the versions deploy/image_test.py built and tested it with,\n"
-                      "# for `pip install -c deploy/constraints-cpu.txt '.[cpu]'` (a reproducible serving venv).\n"
-                      "# Regenerate after a dependency changes in pyproject.toml: deploy/image_test.py --write-constraints\n")
+                      "# for `pip install -c deploy/constraints-{variant}.txt '.[{variant}]'` (a reproducible serving venv).\n"
+                      "# Regenerate after a dependency changes in pyproject.toml: deploy/image_test.py --write-constraints"
+                      " --dockerfile deploy/Dockerfile.{variant}\n")
 
 
-def read_constraints() -> dict[str, str]:
-    if not CONSTRAINTS.exists():
+def read_constraints(path: Path) -> dict[str, str]:
+    if not path.exists():
         return {}
     pins = {}
-    for line in CONSTRAINTS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             name, version = line.split("==", 1)
@@ -489,7 +565,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dockerfile", type=Path, default=ROOT / "deploy" / "Dockerfile.cpu")
     parser.add_argument("--write-constraints", action="store_true",
-                        help="write deploy/constraints-cpu.txt from the packages the built image holds")
+                        help="write deploy/constraints-<cpu|gpu>.txt from the packages the built image holds")
     args = parser.parse_args(argv)
     dockerfile = args.dockerfile.resolve()
     started = time.monotonic()

@@ -211,7 +211,11 @@ def gguf_state_dict(tensors: dict, config: ModelConfig, source: str) -> dict[str
     state = {}
     for gguf_name, tensor in tensors.items():
         # dequantize returns rows in PyTorch's (out_features, in_features) order: GGUF lists dims innermost first.
-        values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        try:
+            values = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        except NotImplementedError:  # a block type the gguf package cannot decode (Q8_1, Q8_K, ...)
+            raise ExportError(f"{source}: {gguf_name} is stored as {tensor.tensor_type.name}, a GGUF block type "
+                              "attnserve cannot import; convert the file to Q4_0, Q4_1, Q8_0, F16 or F32") from None
         name = rename_tensor(gguf_name, GGUF_TOP_LEVEL, GGUF_PER_LAYER, "blk.")
         if name.endswith("attn.q_proj.weight"):
             values = unpermute_rotary(values, config.n_heads)

@@ -39,7 +39,8 @@ from server import contract
 _PREFIX = "legacy_gqa/"
 _SEQLENS_K = contract.GQA_INPUTS.index("seqlens_k")
 _TOTAL = contract.GQA_INPUTS.index("total_sequence_length")
-_COPIED = (contract.TOKENIZER_FILE, contract.CARD_FILE, contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS)
+_COPIED = (contract.TOKENIZER_FILE, contract.CARD_FILE, contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS,
+           contract.INSPECTION_MODEL_FILE)
 
 
 def legacy_graph(model_path: Path) -> onnx.ModelProto:

@@ -3,6 +3,7 @@
     ServerConfig ─► ModelCard + ModelRunner (onnxruntime, KV buffers) ─► Engine thread
                                                                             ▲ submit / cancel
     grpc.aio server: Generation service, grpc.health.v1.Health, reflection ─┘
+        and inference.GRPCInferenceService (KServe v2, server/kserve.py) on the same port
         (TLS or mutual TLS and API keys from server/security.py, when configured)
     prometheus /metrics (server/metrics.py observes the engine; TLS like gRPC)
     OpenAI-compatible HTTP API (server/http_api.py, aiohttp on the same loop; --http-port, 0 = off)
@@ -36,9 +37,12 @@ from server.config import ServerConfig
 from server.engine import Engine, EngineConfig
 from server.faults import FaultInjectingRunner, parse_fault_spec
 from server.kv_buffers import CacheShape
+from server.inspection import Inspection, InspectionLimits
 from server.prompts import PromptCodec, load_tokenizer
 from server.grpc_auth import ApiKeyInterceptor
 from server import http_api
+from server import kserve
+from server import probe
 from server.runner import ModelRunner, StepInputs
 from server.security import Security, SecurityError
 from server.service import SERVICE_DESCRIPTOR, SERVICE_NAME, GenerationService
@@ -148,6 +152,7 @@ class Server:
     http_runner: Optional[object] = None  # the OpenAI-compatible HTTP API's aiohttp AppRunner, if on
     http_port: int = 0  # 0 = off
     serving: bool = False  # what grpc health says; /health reads it
+    inspection: Optional[Inspection] = None  # InspectAttention's session and worker (server/inspection.py)
 
     async def stop_listeners(self, grace: float) -> None:
         self.security.stop_reloading()
@@ -160,7 +165,7 @@ class Server:
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, kserve.SERVICE_NAME):
             await self.health.set(service, status)
 
     async def drain_and_stop(self) -> None:
@@ -173,6 +178,8 @@ class Server:
         if not finished:
             log.warning("drain grace of %.0f s passed; cancelling the requests still running", grace)
         await loop.run_in_executor(None, self.engine.stop)
+        if self.inspection is not None:
+            self.inspection.stop()
         await self.stop_listeners(grace=1.0)
 
 
@@ -191,6 +198,10 @@ async def start_server(config: ServerConfig) -> Server:
     except Exception as e:
         raise StartupError(str(e)) from None
     check_model_runs(runner, card, config.model)
+    try:
+        probe.check_at_startup(runner, card, config.model, capacity, log)
+    except probe.ProbeError as e:
+        raise StartupError(str(e)) from None
     if config.fault_injection:
         log.warning("--fault-injection %s: model runs will fail on purpose (reliability tests only)",
                     config.fault_injection)
@@ -203,6 +214,8 @@ async def start_server(config: ServerConfig) -> Server:
     observer = metrics.Metrics(card, runner.provider, package_version(), config.kv_slots, capacity,
                                max_queued_requests=config.max_queued_requests)
     observer.init_grpc_service(SERVICE_DESCRIPTOR)
+    observer.init_grpc_service(kserve.SERVICE_DESCRIPTOR)
+    observer.add_protocol(kserve.PROTOCOL)
     # The engine thread reports a fatal break; the event loop that serve() waits on learns of it.
     broken = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -226,7 +239,12 @@ async def start_server(config: ServerConfig) -> Server:
         max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
         version=package_version(),
     )
-    service = GenerationService(engine, codec, limits, served, config.stream_stall_timeout_seconds)
+    inspection = Inspection(config.model, card, InspectionLimits(
+        max_tokens=config.inspection_max_tokens, max_generated_tokens=config.inspection_max_generated_tokens,
+        max_floats=config.inspection_max_floats, max_queued=config.inspection_max_queued),
+        intra_op_threads=config.inspection_intra_op_threads)
+    service = GenerationService(engine, codec, limits, served, config.stream_stall_timeout_seconds,
+                                inspection=inspection)
 
     # The metrics interceptor comes first, so it also counts the calls the API-key check refuses.
     interceptors = [observer.grpc_interceptor()]
@@ -243,10 +261,16 @@ async def start_server(config: ServerConfig) -> Server:
         ],
     )
     grpc_server.add_generic_rpc_handlers((service.handler(),))
+    # KServe v2 clients on the same port; ready means what grpc health says (the Server made below).
+    server: Optional[Server] = None
+    inference = kserve.InferenceService(service, config.served_model_name or card.name, package_version(),
+                                        serving=lambda: server is not None and server.serving)
+    grpc_server.add_generic_rpc_handlers((inference.handler(),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (SERVICE_NAME, kserve.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
         grpc_server,
     )
     try:
@@ -275,11 +299,13 @@ async def start_server(config: ServerConfig) -> Server:
     security.start_reloading()
     server = Server(grpc_server, port, metrics_port, engine, health, config, broken, security, health_server,
                     health_port)
+    server.inspection = inspection
     if config.http_port:
         api = http_api.HttpApi(service, http_api.HttpSettings(
             served_name=config.served_model_name or card.name, max_request_bytes=config.max_request_bytes,
             serving=lambda: server.serving, keys=security.keys, on_api_key_checked=observer.on_api_key_checked,
-            on_request=observer.on_http_request))
+            on_request=observer.on_http_request, exposition=observer.exposition,
+            metrics_key_check=security.metrics_key_check()))
         try:
             server.http_runner = await http_api.start(api, config.host, config.http_port, security.http_ssl_context())
         except OSError as e:

@@ -8,6 +8,9 @@ In your own code:
         for chunk in client.stream(messages=[("user", "Hi!")]):
             print(chunk.text, end="", flush=True)
 
+`python -m server.client inspect "prompt" --png out.png [--layer L --head H] [--html out.html]`
+draws what each attention head attends to (InspectAttention; docs/inspection.md).
+
 UNAVAILABLE (a draining server, a replica restarting behind a load balancer)
 is retried by gRPC itself with exponential backoff, through the service config
 below: 5 attempts, at most 1.5 s of backoff between them in all. A server not up
@@ -117,6 +120,21 @@ class AttnserveClient:
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._call_options({}))
 
+    def inspect_attention(self, prompt: Optional[str] = None, messages: Optional[Sequence[tuple[str, str]]] = None,
+                          prompt_token_ids: Optional[Sequence[int]] = None, layers: Sequence[int] = (),
+                          heads: Sequence[int] = (), generated_tokens: int = 0,
+                          **kwargs) -> pb.InspectAttentionResponse:
+        """Each head's attention probabilities (read them with `attention_pictures`). Answers can be tens of MB:
+        make the client with options=[("grpc.max_receive_message_length", ...)] (the CLI does)."""
+        request = pb.InspectAttentionRequest(layers=list(layers), heads=list(heads), generated_tokens=generated_tokens)
+        if messages is not None:
+            request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]))
+        elif prompt_token_ids is not None:
+            request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=list(prompt_token_ids)))
+        else:
+            request.prompt = prompt or ""
+        return self.stub.InspectAttention(request, **self._call_options(kwargs))
+
     def close(self) -> None:
         self.channel.close()
 
@@ -127,8 +145,69 @@ class AttnserveClient:
         self.close()
 
 
+def attention_pictures(response: pb.InspectAttentionResponse):
+    """(token labels, [attention_render.HeadPicture]) of an InspectAttention answer."""
+    import numpy as np
+
+    from server.attention_render import HeadPicture, label
+
+    T = len(response.token_ids)
+    heads = [HeadPicture(h.layer, h.head, np.frombuffer(h.probabilities, dtype="<f4").reshape(T, T),
+                         np.asarray(h.entropy, dtype=np.float32)) for h in response.attention]
+    return [label(t) for t in response.token_texts], heads
+
+
+INSPECT_MAX_RECEIVE_BYTES = 512 * 1024 * 1024  # above the largest answer a server's default limits allow (64 MB)
+
+
+def inspect_main(argv) -> int:
+    """`python -m server.client inspect "prompt" --png out.png`: attention pictures and a per-head summary."""
+    from server import attention_render
+
+    parser = argparse.ArgumentParser(prog="python -m server.client inspect",
+                                     description="Show what each attention head of the served model attends to.")
+    parser.add_argument("prompt", help="the prompt, or with --chat the user's message")
+    parser.add_argument("--target", default="localhost:50051", help="server address [localhost:50051]")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    parser.add_argument("--layer", type=int, action="append", default=[], help="a layer to show (repeatable; default all)")
+    parser.add_argument("--head", type=int, action="append", default=[], help="a head to show (repeatable; default all)")
+    parser.add_argument("--generated-tokens", type=int, default=0, help="append this many greedy tokens first [0]")
+    parser.add_argument("--png", type=Path, help="write a grid of heatmaps (layers x heads; one head: large)")
+    parser.add_argument("--html", type=Path, help="write a self-contained page: hover a token to see its attention")
+    parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds [300]")
+    parser.add_argument("--ca-file", help="PEM CA that signed the server's certificate (TLS)")
+    parser.add_argument("--api-key", help="API key [env ATTNSERVE_API_KEY]")
+    args = parser.parse_args(argv)
+    try:
+        with AttnserveClient(args.target, timeout=args.timeout, ca_file=args.ca_file, api_key=args.api_key,
+                             options=[("grpc.max_receive_message_length", INSPECT_MAX_RECEIVE_BYTES)]) as client:
+            response = client.inspect_attention(
+                None if args.chat else args.prompt, messages=[("user", args.prompt)] if args.chat else None,
+                layers=args.layer, heads=args.head, generated_tokens=args.generated_tokens)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    labels, heads = attention_pictures(response)
+    print(f"{len(labels)} tokens ({response.prompt_tokens} prompt + {response.generated_tokens} generated): "
+          + " ".join(labels))
+    print(attention_render.summary_text(heads))
+    text = "".join(response.token_texts).replace("\n", " ")
+    title = f"{len(labels)} tokens: " + (text if len(text) <= 90 else text[:89] + "\u2026")
+    if args.png:
+        rows, cols = attention_render.render_png(args.png, labels, heads, title=title)
+        print(f"wrote {args.png} ({rows} layers x {cols} heads)")
+    if args.html:
+        attention_render.render_html(args.html, labels, heads, title=title)
+        print(f"wrote {args.html}")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.client", description="Stream an answer from attnserve.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["inspect"]:
+        return inspect_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m server.client", description="Stream an answer from attnserve "
+                                     "(or `python -m server.client inspect --help`: attention pictures).")
     parser.add_argument("prompt", help="the prompt, or with --chat the user's message")
     parser.add_argument("--target", default="localhost:50051", help="server address [localhost:50051]")
     parser.add_argument("--chat", action="store_true", help="send the prompt as a user message, rendered with the model's chat template")

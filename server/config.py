@@ -68,10 +68,18 @@ class ServerConfig:
                                          "`authorization: {credentials_file: ...}`)", choices=("on", "off"))
     http_port: int = _option(8000, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
                              "/v1/models, /health; docs/openai.md); 0 disables it")
-    served_model_name: str = _option("", "the model name the HTTP API answers to and reports; empty = the model "
-                                     "card's name")
+    served_model_name: str = _option("", "the model name the HTTP and KServe v2 APIs answer to and report; empty "
+                                     "= the model card's name")
     health_port: int = _option(-1, "a plaintext listener serving only grpc.health.v1, for probes that cannot "
                                "speak (mutual) TLS; 0 picks a free one, -1 disables it")
+    inspection_max_tokens: int = _option(512, "InspectAttention: most tokens inspected (prompt + generated_tokens)")
+    inspection_max_generated_tokens: int = _option(64, "InspectAttention: most greedy tokens appended to the prompt")
+    inspection_max_floats: int = _option(16 * 1024 * 1024, "InspectAttention: most probabilities per answer "
+                                         "(layers x heads x tokens^2; 4 bytes each)")
+    inspection_max_queued: int = _option(2, "InspectAttention: inspections running or waiting before new ones get "
+                                         "RESOURCE_EXHAUSTED")
+    inspection_intra_op_threads: int = _option(
+        1, "onnxruntime threads of the inspection session (its own, on the CPU), kept small so generation keeps its cores")
     fault_injection: str = _option(
         "", "for reliability tests only: 'run:N' makes the Nth model run raise, 'run:N+' every run from the Nth on")
     log_level: str = _option("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -108,6 +116,13 @@ class ServerConfig:
             problems.append("--default-max-new-tokens must not exceed --max-new-tokens-limit")
         if not self.stream_stall_timeout_seconds > 0:
             problems.append(f"--stream-stall-timeout-seconds must be > 0, got {self.stream_stall_timeout_seconds}")
+        for name in ("inspection_max_tokens", "inspection_max_floats", "inspection_max_queued",
+                     "inspection_intra_op_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.inspection_max_generated_tokens < 0:
+            problems.append(f"--inspection-max-generated-tokens must be at least 0, got "
+                            f"{self.inspection_max_generated_tokens}")
         if self.fault_injection:
             try:
                 parse_fault_spec(self.fault_injection)

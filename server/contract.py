@@ -29,9 +29,16 @@ MODEL_FILE = "model.onnx"
 # `query_seqlens` (onnxruntime 1.31 and older; the newest onnxruntime-gpu): served with
 # uniform calls, in which every row brings the call's full width of new tokens.
 MODEL_FILE_WITHOUT_QUERY_SEQLENS = "model_without_query_seqlens.onnx"
+# The inspection graph (export/inspection.py): the graph without query_seqlens, whose GroupQueryAttention
+# nodes also return their softmax probabilities as `attention.{i}` float32 [B, H, S, total_sequence_length];
+# same inputs, same weights (model.onnx.data). Listed in the card's graphs as "inspection"; older dirs lack it.
+INSPECTION_MODEL_FILE = "model_inspection.onnx"
+INSPECTION_GRAPH = "inspection"
 CARD_FILE = "attnserve.json"
 TOKENIZER_FILE = "tokenizer.json"
 GENAI_CONFIG_FILE = "genai_config.json"
+# PyTorch's logits for the start-up probe (server/probe.py), float32 [probe rows, V], numpy .npy.
+PROBE_FILE = "probe_logits.npy"
 CARD_FORMAT = 1
 
 INPUT_IDS = "input_ids"
@@ -66,6 +73,11 @@ def present_key(layer: int) -> str:
 
 def present_value(layer: int) -> str:
     return f"present.{layer}.value"
+
+
+def attention_output(layer: int) -> str:
+    """The inspection graph's attention probabilities of one layer."""
+    return f"attention.{layer}"
 
 
 def input_names(n_layers: int) -> list[str]:
@@ -106,6 +118,12 @@ class ModelCard:
     # The serving graphs in the dir, by the GroupQueryAttention they need: "with_query_seqlens" and
     # "without_query_seqlens" (file names). Dirs exported before this field held model.onnx alone.
     graphs: dict = dataclasses.field(default_factory=lambda: {"with_query_seqlens": MODEL_FILE})
+    # The start-up probe (server/probe.py): prompt_ids, decode_ids, file (PROBE_FILE), bound, and the figure and CPU
+    # flags measured at export. None in dirs exported before it: they are served with a warning.
+    probe: Optional[dict] = None
+    # Block-quantized weights (export/quantize.py: weights_card): scheme, block_size, accuracy_level, source,
+    # per tensor kind the op, bits, zero points and origin of the blocks, and the dir's bytes. Empty: float weights.
+    weights: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

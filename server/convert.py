@@ -6,6 +6,8 @@ from typing import Optional
 
 from attnserve.v1 import generation_pb2 as pb
 from server import requests
+from server.contract import ModelCard
+from server.inspection import Inspection, InspectionJob, InspectionResult, inspection_job
 from server.prompts import PromptCodec
 from server.types import FinishReason, GenerationRequest, GenerationUpdate, RequestFields, ServedModel, TokenLogprob
 from server.validation import Limits
@@ -88,8 +90,53 @@ def unary_response(request_id: str, updates: list[GenerationUpdate]) -> pb.Gener
     )
 
 
-def model_info(served: ServedModel) -> pb.ModelInfo:
-    return pb.ModelInfo(**dataclasses.asdict(served))
+def model_info(served: ServedModel, inspection: Optional[Inspection] = None) -> pb.ModelInfo:
+    info = pb.ModelInfo(**dataclasses.asdict(served))
+    if inspection is not None:
+        limits = inspection.limits
+        info.MergeFrom(pb.ModelInfo(
+            inspection_available=inspection.available, inspection_max_tokens=limits.max_tokens,
+            inspection_max_generated_tokens=limits.max_generated_tokens, inspection_max_floats=limits.max_floats,
+            inspection_max_queued=limits.max_queued))
+    return info
+
+
+def inspection_from_proto(message: pb.InspectAttentionRequest, codec: PromptCodec, limits: Limits,
+                          inspection: Inspection) -> InspectionJob:
+    ids = prompt_ids(message, codec, limits)
+    return inspection_job(ids, list(message.layers), list(message.heads), message.generated_tokens,
+                          inspection.card, inspection.limits, prompt_field=message.WhichOneof("input") or "prompt")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_ATTENTION_TAG = _varint(pb.InspectAttentionResponse.DESCRIPTOR.fields_by_name["attention"].number << 3 | 2)
+
+
+def inspection_response(result: InspectionResult, codec: PromptCodec, card: ModelCard) -> bytes:
+    """The serialized InspectAttentionResponse. Built head by head: serializing one message of tens of MB would
+    hold the GIL (and stall the engine thread and the event loop) for as long as it takes; concatenated messages
+    are one message in protobuf's wire format, their repeated fields joined in order."""
+    ids = list(result.token_ids)
+    parts = [pb.InspectAttentionResponse(
+        token_ids=ids, tokens=codec.token_strings(ids),
+        token_texts=[codec.tokenizer.decode([i], skip_special_tokens=False) for i in ids],
+        prompt_tokens=result.prompt_tokens, generated_tokens=result.generated_tokens,
+        layers=card.n_layers, heads=card.n_heads, kv_heads=card.n_kv_heads,
+    ).SerializeToString()]
+    for h in result.heads:
+        head = pb.HeadAttention(layer=h.layer, head=h.head, kv_head=h.kv_head,
+                                probabilities=h.probabilities.astype("<f4", copy=False).tobytes(),
+                                entropy=h.entropy.tolist()).SerializeToString()
+        parts += [_ATTENTION_TAG, _varint(len(head)), head]
+    return b"".join(parts)
 
 
 def tokenize_response(token_ids: list[int], tokens: list[str]) -> pb.TokenizeResponse:

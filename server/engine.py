@@ -94,6 +94,7 @@ class RequestReport:
     running: int = 0  # engine state right after this request left it
     waiting: int = 0
     slots_in_use: int = 0
+    protocol: str = "grpc"  # the front the request came through (GenerationRequest.protocol)
 
 
 class EngineObserver:
@@ -103,7 +104,7 @@ class EngineObserver:
 
     def on_request_finished(self, report: RequestReport) -> None: ...
 
-    def on_rejected(self, reason: str) -> None: ...
+    def on_rejected(self, reason: str, protocol: str = "grpc") -> None: ...
 
     def on_step_failed(self, error: BaseException) -> None: ...
 
@@ -156,11 +157,12 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, protocol: str = "grpc") -> None:
         """Raise what submit() would for lack of room, without taking anything: lets a handler refuse
-        a request during a burst before paying for its tokenization and validation."""
+        a request during a burst before paying for its tokenization and validation. `protocol` is the
+        calling front's, as GenerationRequest.protocol: a refusal is reported under it."""
         with self._lock:
-            self._refuse_if_full()
+            self._refuse_if_full(protocol)
 
     def submit(self, request: GenerationRequest, on_update: UpdateCallback,
                backlog: Optional[BacklogProbe] = None) -> int:
@@ -171,7 +173,7 @@ class Engine:
         `stream_buffer_tokens`, and whoever lowers it must call wake().
         """
         with self._lock:
-            self._refuse_if_full()
+            self._refuse_if_full(request.protocol)
             self._queued += 1
             self._idle.clear()
             # Inside the lock, so that once draining or broken is set no submit can still land in the inbox
@@ -180,13 +182,13 @@ class Engine:
             self._inbox.put(("submit", handle, request, on_update, backlog, time.monotonic()))
         return handle
 
-    def _refuse_if_full(self) -> None:
+    def _refuse_if_full(self, protocol: str) -> None:
         """Under the lock: raise when no request can be taken now."""
         if self._draining or self.broken is not None:
-            self._observe("on_rejected", "draining")
+            self._observe("on_rejected", "draining", protocol)
             raise ServerDrainingError("the server is shutting down and accepts no new requests")
         if self._queued >= self.config.max_queued_requests:
-            self._observe("on_rejected", "queue_full")
+            self._observe("on_rejected", "queue_full", protocol)
             raise QueueFullError(
                 f"{self._queued} requests are already waiting (--max-queued-requests "
                 f"{self.config.max_queued_requests}); retry later"
@@ -411,7 +413,7 @@ class Engine:
             admitted=state.admitted, first_token=state.token_times[0] if state.token_times else None,
             finished=time.monotonic(), prompt_tokens=seq.num_prompt_tokens, completion_tokens=completion,
             token_times=state.token_times, running=stats.running, waiting=stats.waiting,
-            slots_in_use=stats.slots_in_use,
+            slots_in_use=stats.slots_in_use, protocol=state.request.protocol,
         ))
         self._update_idle()
 

@@ -39,6 +39,12 @@ class DeadlineExceededError(AttnserveError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class FailedPreconditionError(AttnserveError):
+    """The model dir cannot answer this call (a graph it lacks); the message says how to re-export it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class UnauthenticatedError(AttnserveError):
     """No API key, or a wrong one. The message never repeats the key."""
 

@@ -3,6 +3,9 @@
     POST /v1/completions, /v1/chat/completions ─► server/openai_convert.py ─► RequestFields
         ─► server/requests.py generation_request (the gRPC API's checks) ─► GenerationService.updates
     GET /v1/models, GET /health (open even with API keys: probes carry none)
+    POST /tokenize, /detokenize: the gRPC Tokenize's counterparts, in vLLM's shape
+    GET /metrics: the metrics port's registry again, for routers that scrape the port they route to
+        (an InferencePool's endpoint picker); an API key only where the metrics port asks for one
 
 Every error leaves through `_error_response` (server/http_errors.py decides
 the status). A client that goes away cancels its request: aiohttp cancels the
@@ -10,6 +13,7 @@ handler, and closing the updates generator cancels it in the engine.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -21,7 +25,7 @@ from typing import Callable, Optional
 
 from aiohttp import web
 
-from server import openai_convert, requests
+from server import openai_convert, requests, validation
 from server.api_keys import ACCEPTED, MISSING, ApiKeys
 from server.errors import AttnserveError, InvalidRequestError, RequestTooLargeError, UnauthenticatedError
 from server.http_errors import ModelNotFoundError, RouteNotFoundError, error_body, translate
@@ -29,6 +33,8 @@ from server.metrics import HTTP_ROUTES as ROUTES  # one list: the metrics create
 from server.service import GenerationService, merge_updates
 
 log = logging.getLogger("attnserve.http")
+PROTOCOL = "http"  # the `protocol` label of this front's requests in the metrics
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds, like the body's `timeout`: the shorter one wins
 
 
 @dataclass
@@ -39,6 +45,8 @@ class HttpSettings:
     keys: Optional[ApiKeys] = None
     on_api_key_checked: Callable[[str], None] = lambda outcome: None
     on_request: Callable[[str, int], None] = lambda route, status: None  # (route, HTTP status) per request
+    exposition: Optional[Callable[[], tuple[bytes, str]]] = None  # /metrics (body, content type); None: no route
+    metrics_key_check: Optional[Callable[[Optional[str]], str]] = None  # the metrics port's rule (security.py)
 
 
 def _error_response(error: BaseException) -> web.Response:
@@ -67,7 +75,11 @@ class HttpApi:
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
+        if self.settings.exposition is not None:
+            app.router.add_get("/metrics", self.metrics)
         return app
 
     # ---- middlewares, outermost first ----
@@ -101,8 +113,12 @@ class HttpApi:
     async def _auth(self, request: web.Request, handler):
         # Before the body is read: an unauthenticated client costs no parsing.
         keys = self.settings.keys
-        if keys is not None and request.path.startswith("/v1/"):
-            outcome = keys.check(request.headers.get("Authorization"))
+        guarded = request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")
+        check = keys.check if keys is not None and guarded else None
+        if request.path == "/metrics":
+            check = self.settings.metrics_key_check
+        if check is not None:
+            outcome = check(request.headers.get("Authorization"))
             self.settings.on_api_key_checked(outcome)
             if outcome != ACCEPTED:
                 raise UnauthenticatedError(
@@ -115,6 +131,28 @@ class HttpApi:
     async def health(self, request: web.Request) -> web.Response:
         serving = self.settings.serving() and self.service.engine.broken is None
         return web.json_response({"status": "serving" if serving else "not serving"}, status=200 if serving else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        # Rendered off the event loop: a scrape every 50 ms (an endpoint picker's default) must not hold up streams.
+        body, content_type = await asyncio.get_running_loop().run_in_executor(None, self.settings.exposition)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        fields = openai_convert.tokenize_fields(openai_convert.parse_body(await request.read()),
+                                                self.settings.served_name)
+        try:
+            ids = requests.prompt_ids(fields, self.service.codec, self.service.limits)
+        except InvalidRequestError as e:
+            raise translate(e) from None
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.service.limits.context})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        ids = openai_convert.detokenize_ids(openai_convert.parse_body(await request.read()))
+        try:
+            validation.prompt_token_ids(ids, self.service.limits, "tokens")
+        except InvalidRequestError as e:
+            raise translate(e) from None
+        return web.json_response({"prompt": self.service.codec.tokenizer.decode(ids, skip_special_tokens=False)})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(openai_convert.models(self.settings.served_name, self.created,
@@ -133,13 +171,19 @@ class HttpApi:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrived = time.monotonic()
         body = openai_convert.parse_body(await request.read())
         fields, options = openai_convert.to_request_fields(body, chat, self.settings.served_name)
-        self.service.engine.check_capacity()  # a burst must not pay to tokenize what it cannot run
+        # The deadline counts from arrival, as gRPC's does; the engine ends the request there (504).
+        timeouts = [t for t in (options.timeout, openai_convert.header_timeout(request.headers.get(TIMEOUT_HEADER)))
+                    if t is not None]
+        time_remaining = min(timeouts) - (time.monotonic() - arrived) if timeouts else None
+        self.service.engine.check_capacity(PROTOCOL)  # a burst must not pay to tokenize what it cannot run
         try:
-            generation = requests.generation_request(fields, self.service.codec, self.service.limits, None)
+            generation = requests.generation_request(fields, self.service.codec, self.service.limits, time_remaining)
         except InvalidRequestError as e:
             raise translate(e, options.field_names) from None
+        generation.protocol = PROTOCOL
         response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         async with contextlib.aclosing(self.service.updates(generation)) as updates:

@@ -8,6 +8,11 @@ Series that dashboards and alerts divide by are created at zero when the
 server starts (every finish reason, rejection reason and, per Generation
 method, every status code attnserve returns), so a quiet server reads 0
 rather than "No data".
+
+Families that count requests (finished, rejected, their tokens and latencies)
+carry a `protocol` label: the front the request came through, as the front set
+GenerationRequest.protocol ("grpc", "http", ...). Engine-wide state (steps,
+slots, the queue) has none: every front shares one engine.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Callable, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, make_wsgi_app
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               disable_created_metrics, generate_latest, make_wsgi_app)
 
 from server.api_keys import ACCEPTED, OUTCOMES
 from server.contract import ModelCard
@@ -45,8 +51,11 @@ DEADLINE_SLACK_SECONDS = 0.1
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")  # error = failed inside the engine
 REJECTION_REASONS = ("queue_full", "draining")
+# The fronts every server has series for from the start; a front of another name calls add_protocol().
+PROTOCOLS = ("grpc", "http")
 # The HTTP API's routes (server/http_api.py); anything else counts as "other".
-HTTP_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health")
+HTTP_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/health",
+               "/metrics")
 # The status codes attnserve's own handlers end with (server/errors.py, client cancellation, deadlines, bugs).
 GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
                        "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")
@@ -54,10 +63,12 @@ GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLI
 
 class Metrics(EngineObserver):
     def __init__(self, card: ModelCard, provider: str, version: str, kv_slots: int, slot_capacity: int,
-                 max_queued_requests: int):
+                 max_queued_requests: int, protocols: tuple[str, ...] = PROTOCOLS):
         self.registry = registry = CollectorRegistry()
         self.model = card.name
         m = ["model"]
+
+        p = ["protocol"]  # on the families that count requests (module docstring)
 
         def histogram(name, doc, buckets, labels=()):
             return Histogram(name, doc, m + list(labels), buckets=buckets, registry=registry)
@@ -68,19 +79,19 @@ class Metrics(EngineObserver):
         def gauge(name, doc):
             return Gauge(name, doc, m, registry=registry)
 
-        self.request_duration = histogram("attnserve_request_duration_seconds", "End-to-end request latency, arrival to last token.", REQUEST_LATENCY_BUCKETS)
-        self.ttft = histogram("attnserve_time_to_first_token_seconds", "Arrival to first generated token.", REQUEST_LATENCY_BUCKETS)
-        self.itl = histogram("attnserve_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", STEP_LATENCY_BUCKETS)
-        self.queue_time = histogram("attnserve_queue_time_seconds", "Arrival to getting a KV slot.", REQUEST_LATENCY_BUCKETS)
+        self.request_duration = histogram("attnserve_request_duration_seconds", "End-to-end request latency, arrival to last token.", REQUEST_LATENCY_BUCKETS, p)
+        self.ttft = histogram("attnserve_time_to_first_token_seconds", "Arrival to first generated token.", REQUEST_LATENCY_BUCKETS, p)
+        self.itl = histogram("attnserve_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.", STEP_LATENCY_BUCKETS, p)
+        self.queue_time = histogram("attnserve_queue_time_seconds", "Arrival to getting a KV slot.", REQUEST_LATENCY_BUCKETS, p)
         self.step_duration = histogram("attnserve_engine_step_duration_seconds", "Duration of one engine step, by phase (prefill, decode, mixed).", STEP_LATENCY_BUCKETS, ["phase"])
         self.step_tokens = histogram("attnserve_engine_step_tokens", "Tokens computed in one engine step.", TOKEN_BUCKETS)
-        self.request_prompt_tokens = histogram("attnserve_request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
-        self.request_generated_tokens = histogram("attnserve_request_generated_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+        self.request_prompt_tokens = histogram("attnserve_request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS, p)
+        self.request_generated_tokens = histogram("attnserve_request_generated_tokens", "Generated tokens per request.", TOKEN_BUCKETS, p)
 
-        self.requests_finished = counter("attnserve_requests_finished_total", "Requests that ended, by finish reason (error = failed in the engine).", ["finish_reason"])
-        self.prompt_tokens = counter("attnserve_prompt_tokens_total", "Prompt tokens of finished requests.")
-        self.generated_tokens = counter("attnserve_generated_tokens_total", "Generated tokens of finished requests.")
-        self.rejected = counter("attnserve_requests_rejected_total", "Requests refused before running, by reason.", ["reason"])
+        self.requests_finished = counter("attnserve_requests_finished_total", "Requests that ended, by protocol and finish reason (error = failed in the engine).", p + ["finish_reason"])
+        self.prompt_tokens = counter("attnserve_prompt_tokens_total", "Prompt tokens of finished requests.", p)
+        self.generated_tokens = counter("attnserve_generated_tokens_total", "Generated tokens of finished requests.", p)
+        self.rejected = counter("attnserve_requests_rejected_total", "Requests refused before running, by protocol and reason.", p + ["reason"])
         self.step_failures = counter("attnserve_engine_step_failures_total", "Engine steps that raised.")
         self.api_key_checks = counter("attnserve_api_key_checks_total", "API key checks, by outcome (accepted, missing, wrong).", ["outcome"])
         self.http_requests = counter("attnserve_http_requests_total", "OpenAI-compatible HTTP API requests, by route and HTTP status code.", ["route", "code"])
@@ -90,6 +101,11 @@ class Metrics(EngineObserver):
         self.waiting_capacity = gauge("attnserve_requests_waiting_capacity", "Requests that may wait before new ones are refused (--max-queued-requests).")
         self.slots_in_use = gauge("attnserve_kv_slots_in_use", "KV slots in use.")
         self.slots_capacity = gauge("attnserve_kv_slots_capacity", "KV slots preallocated.")
+        # The 0-1 KV-cache usage a router's endpoint picker reads (docs/metrics.md): slots, not tokens, because
+        # a request reserves a whole slot when admitted, so a pod with every slot taken admits nothing more.
+        self.kv_cache_usage = gauge("attnserve_kv_cache_usage_ratio", "Share of the KV cache reserved by requests "
+                                    "(KV slots in use over KV slots), 0 to 1.")
+        self._kv_slots = kv_slots
         self.kv_tokens_in_use = gauge("attnserve_kv_tokens_in_use", "Tokens held in the KV cache.")
         self.kv_tokens_capacity = gauge("attnserve_kv_tokens_capacity", "Tokens the KV cache can hold.")
         self.info = Info("attnserve_model", "The model served and how.", registry=registry)
@@ -103,19 +119,24 @@ class Metrics(EngineObserver):
         self.slots_capacity.labels(self.model).set(kv_slots)
         self.kv_tokens_capacity.labels(self.model).set(kv_slots * slot_capacity)
         self.waiting_capacity.labels(self.model).set(max_queued_requests)
-        for g in (self.running, self.waiting, self.slots_in_use, self.kv_tokens_in_use):
+        for g in (self.running, self.waiting, self.slots_in_use, self.kv_tokens_in_use, self.kv_cache_usage):
             g.labels(self.model).set(0)
-        for reason in FINISH_REASONS:
-            self.requests_finished.labels(self.model, reason)
-        for reason in REJECTION_REASONS:
-            self.rejected.labels(self.model, reason)
+        for protocol in protocols:
+            self.add_protocol(protocol)
         self.step_failures.labels(self.model)
         for outcome in OUTCOMES:
             self.api_key_checks.labels(self.model, outcome)
         for route in HTTP_ROUTES:
             self.http_requests.labels(self.model, route, "200")
-        self.prompt_tokens.labels(self.model)
-        self.generated_tokens.labels(self.model)
+
+    def add_protocol(self, protocol: str) -> None:
+        """Create a front's request counters at zero, so that its rates read 0 before its first request."""
+        for reason in FINISH_REASONS:
+            self.requests_finished.labels(self.model, protocol, reason)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(self.model, protocol, reason)
+        self.prompt_tokens.labels(self.model, protocol)
+        self.generated_tokens.labels(self.model, protocol)
 
     def serve(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None,
               check_api_key: Optional[Callable[[Optional[str]], str]] = None) -> int:
@@ -145,6 +166,15 @@ class Metrics(EngineObserver):
         threading.Thread(target=server.serve_forever, name="attnserve-metrics", daemon=True).start()
         return server.server_port
 
+    def exposition(self) -> tuple[bytes, str]:
+        """(/metrics body, its content type), for a listener other than serve()'s: the HTTP API's port."""
+        disable_created_metrics()  # as serve() does: the HTTP port may be the only place metrics are scraped
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _set_slots_in_use(self, slots_in_use: int) -> None:
+        self.slots_in_use.labels(self.model).set(slots_in_use)
+        self.kv_cache_usage.labels(self.model).set(slots_in_use / self._kv_slots if self._kv_slots else 0.0)
+
     def on_api_key_checked(self, outcome: str) -> None:
         self.api_key_checks.labels(self.model, outcome).inc()
 
@@ -167,35 +197,37 @@ class Metrics(EngineObserver):
         self.step_tokens.labels(self.model).observe(report.prefill_tokens + report.decode_tokens)
         self.running.labels(self.model).set(report.running)
         self.waiting.labels(self.model).set(report.waiting)
-        self.slots_in_use.labels(self.model).set(report.slots_in_use)
+        self._set_slots_in_use(report.slots_in_use)
         self.kv_tokens_in_use.labels(self.model).set(report.tokens_in_use)
 
     def on_request_finished(self, report: RequestReport) -> None:
-        model = self.model
+        model, protocol = self.model, report.protocol
         reason = report.finish_reason.value if report.finish_reason else "error"
-        self.requests_finished.labels(model, reason).inc()
-        self.request_duration.labels(model).observe(report.finished - report.arrived)
+        self.requests_finished.labels(model, protocol, reason).inc()
+        self.request_duration.labels(model, protocol).observe(report.finished - report.arrived)
         if report.admitted is not None:
-            self.queue_time.labels(model).observe(report.admitted - report.arrived)
+            self.queue_time.labels(model, protocol).observe(report.admitted - report.arrived)
         if report.first_token is not None:
-            self.ttft.labels(model).observe(report.first_token - report.arrived)
+            self.ttft.labels(model, protocol).observe(report.first_token - report.arrived)
         times = report.token_times
-        for earlier, later in zip(times, times[1:]):
-            self.itl.labels(model).observe(later - earlier)
-        self.request_prompt_tokens.labels(model).observe(report.prompt_tokens)
-        self.request_generated_tokens.labels(model).observe(report.completion_tokens)
-        self.prompt_tokens.labels(model).inc(report.prompt_tokens)
-        self.generated_tokens.labels(model).inc(report.completion_tokens)
+        if len(times) > 1:
+            itl = self.itl.labels(model, protocol)  # one label lookup per request, not per token
+            for earlier, later in zip(times, times[1:]):
+                itl.observe(later - earlier)
+        self.request_prompt_tokens.labels(model, protocol).observe(report.prompt_tokens)
+        self.request_generated_tokens.labels(model, protocol).observe(report.completion_tokens)
+        self.prompt_tokens.labels(model, protocol).inc(report.prompt_tokens)
+        self.generated_tokens.labels(model, protocol).inc(report.completion_tokens)
         self.running.labels(model).set(report.running)
         self.waiting.labels(model).set(report.waiting)
-        self.slots_in_use.labels(model).set(report.slots_in_use)
+        self._set_slots_in_use(report.slots_in_use)
         if report.running == 0:
             # A request cancelled between steps leaves no step report behind it; with
             # nothing running the cache holds no tokens, and the next step refreshes it otherwise.
             self.kv_tokens_in_use.labels(model).set(0)
 
-    def on_rejected(self, reason: str) -> None:
-        self.rejected.labels(self.model, reason).inc()
+    def on_rejected(self, reason: str, protocol: str = "grpc") -> None:
+        self.rejected.labels(self.model, protocol, reason).inc()
 
     def on_step_failed(self, error: BaseException) -> None:
         self.step_failures.labels(self.model).inc()

@@ -21,7 +21,7 @@ from server.types import FinishReason, GenerationUpdate, RequestFields, TokenLog
 # Every field the HTTP API reads; any other is ignored (docs/openai.md lists them too).
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
                      "stream_options", "logprobs", "presence_penalty", "frequency_penalty", "top_k",
-                     "repetition_penalty", "ignore_eos")
+                     "repetition_penalty", "ignore_eos", "timeout")
 CHAT_FIELDS = tuple(f for f in COMPLETION_FIELDS if f != "prompt") + ("messages", "max_completion_tokens",
                                                                        "top_logprobs")
 UNSUPPORTED_UNLESS_ZERO = ("presence_penalty", "frequency_penalty")
@@ -46,6 +46,7 @@ class Options:
     include_usage: bool = False
     logprobs: Optional[int] = None  # top-n alternatives to report per token; None = no logprobs at all
     aliases: tuple[tuple[str, str], ...] = ()  # gRPC field name -> the OpenAI one this request used
+    timeout: Optional[float] = None  # seconds from arrival after which the request ends with 504; None = none
 
     @property
     def field_names(self) -> dict[str, str]:
@@ -210,10 +211,50 @@ def to_request_fields(body: dict, chat: bool, served_name: str) -> tuple[Request
         logprobs=max(logprobs, 1) if logprobs is not None else 0,
     )
     stream = _bool(body, "stream")
+    timeout = timeout_seconds(_number(body, "timeout"), "timeout")
     stream_options = _typed(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     include_usage = stream and _bool(stream_options, "include_usage")
     return fields, Options(chat=chat, model=served_name, stream=stream, include_usage=include_usage,
-                           logprobs=logprobs, aliases=tuple(aliases.items()))
+                           logprobs=logprobs, aliases=tuple(aliases.items()), timeout=timeout)
+
+
+def timeout_seconds(value, name: str) -> Optional[float]:
+    """A client's deadline in seconds (the body's `timeout` or the X-Request-Timeout header): positive, finite."""
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidRequestError(name, f"must be a number of seconds > 0, got {value}")
+    return float(value)
+
+
+def header_timeout(header: Optional[str]) -> Optional[float]:
+    if header is None:
+        return None
+    try:
+        value = float(header)
+    except ValueError:
+        raise InvalidRequestError("X-Request-Timeout", f"must be a number of seconds, got {header[:40]!r}") from None
+    return timeout_seconds(value, "X-Request-Timeout")
+
+
+def tokenize_fields(body: dict, served_name: str) -> RequestFields:
+    """A /tokenize body (vLLM's shape): `prompt` as for completions, or chat `messages`."""
+    model = _typed(body, "model", lambda v: isinstance(v, str), "a string", served_name)
+    if model != served_name:
+        raise ModelNotFoundError(model, served_name)
+    if "messages" in body:
+        return _messages(body["messages"])
+    if "prompt" not in body:
+        raise InvalidRequestError("prompt", "is missing; send `prompt` or `messages`")
+    return _prompt(body["prompt"])
+
+
+def detokenize_ids(body: dict) -> list[int]:
+    """The token ids of a /detokenize body; their range is checked with the gRPC API's own check."""
+    ids = _token_ids(body.get("tokens"))
+    if ids is None:
+        raise InvalidRequestError("tokens", "must be a list of token ids")
+    return ids
 
 
 # ---- responses ---------------------------------------------------------------------------------

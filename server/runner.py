@@ -66,6 +66,18 @@ def onnxruntime_has_query_seqlens() -> bool:
     return bool(schemas) and len(schemas[0].inputs) > contract.QUERY_SEQLENS_INDEX
 
 
+# The contrib ops of block-quantized model dirs (the card's `weights`): MatMulNBits and GatherBlockQuantized.
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+def missing_quantized_ops() -> list[str]:
+    """QUANTIZED_OPS this onnxruntime lacks (read from its operator schemas, as for query_seqlens)."""
+    from onnxruntime.capi import _pybind_state
+
+    have = {s.name for s in _pybind_state.get_all_operator_schema() if s.domain == "com.microsoft"}
+    return [op for op in QUANTIZED_OPS if op not in have]
+
+
 CALL_PLANS = ("auto", "mixed", "uniform")
 
 
@@ -113,6 +125,22 @@ def resolve_device(device: str, available: Optional[Sequence[str]] = None) -> st
             f"{', '.join(available)}; install the onnxruntime-gpu build (make setup picks it where nvidia-smi exists)"
         )
     return device
+
+
+def load_cuda_libraries() -> None:
+    """Load CUDA, cuBLAS and cuDNN before a CUDA session starts.
+
+    onnxruntime-gpu's CUDA EP finds them by name; installed as NVIDIA's wheels (the gpu extra, the GPU
+    image) they sit in site-packages, off the dynamic loader's path, and preload_dlls loads them from there.
+    Where they are missing the session start says so (and --device auto falls back to the CPU).
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as e:  # noqa: BLE001 - a library it cannot load shows again when the session starts
+        log.warning("onnxruntime.preload_dlls: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def session_providers(device: str, device_id: int, dtype: str) -> list:
@@ -172,6 +200,10 @@ class ModelRunner:
         # graph and the call plan (mixed calls with query_seqlens, uniform calls without).
         self.call_plan = choose_call_plan(call_plan, onnxruntime_has_query_seqlens())
         self.graph_file = serving_graph(card, self.call_plan)
+        if card.weights and missing_quantized_ops():
+            raise RunnerError(f"the model dir's weights are {card.weights.get('scheme')} blocks, but onnxruntime "
+                              f"{ort.__version__} has no {', '.join(missing_quantized_ops())}; install onnxruntime "
+                              ">= 1.20 or serve an fp32 export")
         self.device = resolve_device(device)
         if not allow_fp32_cuda:
             self.device = device_for_dtype(self.device, card.dtype, device)
@@ -195,6 +227,8 @@ class ModelRunner:
         options = session_options(intra_op_threads, intra_op_spinning)
         path = str(model_dir / self.graph_file)
         providers = session_providers(self.device, self.device_id, self.card.dtype)
+        if self.device == "cuda":
+            load_cuda_libraries()
         try:
             session = ort.InferenceSession(path, options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs

@@ -30,7 +30,8 @@ from google.protobuf.message import DecodeError
 from attnserve.v1 import generation_pb2 as pb
 from server import convert
 from server.engine import Engine
-from server.errors import AttnserveError, InvalidRequestError, to_status
+from server.errors import AttnserveError, FailedPreconditionError, InvalidRequestError, to_status
+from server.inspection import Inspection
 from server.prompts import PromptCodec
 from server.types import GenerationRequest, GenerationUpdate, ServedModel
 from server.validation import Limits
@@ -40,19 +41,19 @@ SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Generation"]
 SERVICE_NAME = SERVICE_DESCRIPTOR.full_name
 
 
-class _Undecodable:
+class Undecodable:
     """Stands in for a request that failed to parse, so the handler can answer INVALID_ARGUMENT."""
 
     def __init__(self, error: Exception):
         self.error = error
 
 
-def _safe_parser(message_type):
+def safe_parser(message_type):
     def parse(data: bytes):
         try:
             return message_type.FromString(data)
         except (DecodeError, UnicodeDecodeError, ValueError) as e:
-            return _Undecodable(e)
+            return Undecodable(e)
     return parse
 
 
@@ -185,11 +186,12 @@ class OutputStream:
 
 class GenerationService:
     def __init__(self, engine: Engine, codec: PromptCodec, limits: Limits, served: ServedModel,
-                 stall_timeout_seconds: float = 30.0):
+                 stall_timeout_seconds: float = 30.0, inspection: Optional[Inspection] = None):
         self.engine = engine
         self.codec = codec
         self.limits = limits
-        self.model_info = convert.model_info(served)
+        self.inspection = inspection  # InspectAttention, on its own session and thread (server/inspection.py)
+        self.model_info = convert.model_info(served, inspection)
         self.stall_timeout_seconds = stall_timeout_seconds
         self._loop_mailbox: Optional[LoopMailbox] = None
 
@@ -201,7 +203,7 @@ class GenerationService:
         return self._loop_mailbox
 
     def _request(self, message, context) -> GenerationRequest:
-        if isinstance(message, _Undecodable):
+        if isinstance(message, Undecodable):
             raise InvalidRequestError("request", f"is not a valid GenerateRequest ({message.error})")
         self.engine.check_capacity()  # a burst must not pay to tokenize what it cannot run
         return convert.request_from_proto(message, self.codec, self.limits, context.time_remaining())
@@ -251,23 +253,38 @@ class GenerationService:
 
     async def Tokenize(self, message, context) -> pb.TokenizeResponse:
         async with _errors_to_status(context):
-            if isinstance(message, _Undecodable):
+            if isinstance(message, Undecodable):
                 raise InvalidRequestError("request", f"is not a valid TokenizeRequest ({message.error})")
             ids = convert.prompt_ids(message, self.codec, self.limits)
             return convert.tokenize_response(ids, self.codec.token_strings(ids))
+
+    async def InspectAttention(self, message, context) -> bytes:
+        async with _errors_to_status(context):
+            if isinstance(message, Undecodable):
+                raise InvalidRequestError("request", f"is not a valid InspectAttentionRequest ({message.error})")
+            if self.inspection is None:
+                raise FailedPreconditionError("this server was started without InspectAttention")
+            self.inspection.check_available()
+            job = convert.inspection_from_proto(message, self.codec, self.limits, self.inspection)
+            return await self.inspection.run(
+                job, finish=lambda result: convert.inspection_response(result, self.codec, self.inspection.card))
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers with parsers that turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""
         def unary(method, request_type, response_type):
             return grpc.unary_unary_rpc_method_handler(
-                method, request_deserializer=_safe_parser(request_type),
+                method, request_deserializer=safe_parser(request_type),
                 response_serializer=response_type.SerializeToString)
 
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Generate": unary(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
             "GenerateStream": grpc.unary_stream_rpc_method_handler(
-                self.GenerateStream, request_deserializer=_safe_parser(pb.GenerateRequest),
+                self.GenerateStream, request_deserializer=safe_parser(pb.GenerateRequest),
                 response_serializer=pb.GenerateStreamResponse.SerializeToString),
             "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
             "Tokenize": unary(self.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+            # Answered already serialized (tens of MB), on the inspection thread rather than on the event loop.
+            "InspectAttention": grpc.unary_unary_rpc_method_handler(
+                self.InspectAttention, request_deserializer=safe_parser(pb.InspectAttentionRequest),
+                response_serializer=bytes),
         })

@@ -61,6 +61,9 @@ class GenerationRequest:
     logprobs: int = 0  # top-n alternatives to report per generated token; 0 = none
     deadline: Optional[float] = None  # time.monotonic() after which the request is cancelled
     ignore_eos: bool = False  # generate past end-of-sequence tokens (benchmarks want fixed lengths)
+    # The front the request came through ("grpc", "http", ...): each front sets its own, and the metrics
+    # label what the engine reports about the request with it. A free string: a new front needs no change here.
+    protocol: str = "grpc"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import pytest
 from tests.deploy.helpers import DEPLOY, ROOT, run, tool
 
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile.cpu", "gpu": DEPLOY / "Dockerfile.gpu"}
+# Built with a model dir as its context, FROM either serving image.
+MODEL_DOCKERFILE = DEPLOY / "Dockerfile.model"
 TRAINING_ONLY = ("torch", "transformers", "onnxscript", "accelerate", "safetensors", "gguf")
 
 
@@ -31,9 +33,9 @@ def stages(dockerfile) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("variant", DOCKERFILES)
-def test_hadolint_is_clean(variant):
-    result = run(tool("hadolint"), str(DOCKERFILES[variant]))
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES.values(), MODEL_DOCKERFILE], ids=lambda p: p.name)
+def test_hadolint_is_clean(dockerfile):
+    result = run(tool("hadolint"), str(dockerfile))
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
@@ -61,13 +63,8 @@ def test_image_is_multi_stage_non_root_with_a_healthcheck_and_the_model_from_a_b
     # The serving stages install nothing themselves; the venv they copy gets only the package and its device extra.
     assert not any("pip install" in line for line in serving)
     (install,) = [line for line in by_stage["build"] if "pip install" in line]
-    if variant == "cpu":
-        assert re.search(r'"/src\[(\w+)\]"', install).group(1) == "cpu"
-    else:
-        # The gpu extra's onnxruntime-gpu pin, without its CUDA wheels: the CUDA runtime base image has the libraries.
-        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-        (pin,) = project["optional-dependencies"]["gpu"]
-        assert f'"{pin.replace("[cuda,cudnn]", "")}"' in install and "/src " in install, install
+    # The device's own extra; for the GPU that is onnxruntime-gpu with NVIDIA's CUDA and cuDNN wheels.
+    assert re.search(r'"/src\[(\w+)\]"', install).group(1) == variant
     assert not any(name in install for name in TRAINING_ONLY)
 
 
@@ -120,3 +117,22 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfiles_copy():
             if line.startswith("COPY ") and "--from=" not in line:
                 copied |= {source.rstrip("/") for source in line.split()[1:-1]}
     assert copied == allowed, copied ^ allowed
+
+
+def test_the_model_image_adds_only_the_model_dir_to_a_serving_image():
+    lines = [line for line in re.sub(r"\\\n\s*", " ", MODEL_DOCKERFILE.read_text()).splitlines()
+             if line.strip() and not line.startswith("#")]
+    instructions = [line.split()[0] for line in lines]
+    assert instructions == ["ARG", "FROM", "COPY"], lines
+    assert lines[1] == "FROM ${SERVER_IMAGE}"
+    # The whole build context (the model dir) lands where ATTNSERVE_MODEL points, owned by root.
+    assert lines[2].split()[-2:] == [".", "/models/model/"] and "--chown=0:0" in lines[2]
+
+
+@pytest.mark.parametrize("variant", DOCKERFILES)
+def test_the_image_generates_its_stubs_with_the_projects_grpcio_tools(variant):
+    """Stubs made by another grpcio-tools (and so another protobuf) would not import beside the image's protobuf."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (pin,) = [r for r in project["optional-dependencies"]["dev"] if r.startswith("grpcio-tools==")]
+    (install,) = [line for line in stages(DOCKERFILES[variant])["proto"] if "pip install" in line]
+    assert pin in install.split(), install

@@ -74,10 +74,11 @@ def test_deployment_ports_probes_and_shutdown_fit_together(manifests, overlay):
     pod = objects["Deployment/attnserve"]["spec"]["template"]
     c = container(manifests, overlay)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert {"grpc": 50051, "metrics": 9090}.items() <= ports.items()
-    assert set(ports) <= {"grpc", "metrics", "health"}
+    assert {"grpc": 50051, "metrics": 9090, "http": 8000}.items() <= ports.items()
+    assert set(ports) <= {"grpc", "metrics", "health", "http"}
     if "health" in ports:  # the server listens where the pod says it does
         assert int(env(manifests, overlay)["ATTNSERVE_HEALTH_PORT"]) == ports["health"]
+    assert int(env(manifests, overlay)["ATTNSERVE_HTTP_PORT"]) == ports["http"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         # gRPC probes take a port number, not a name.
         assert c[probe]["grpc"]["port"] == ports[probed_port(manifests, overlay)], probe
@@ -175,9 +176,11 @@ def test_tls_overlay_mounts_its_secrets_probes_the_health_port_and_scrapes_over_
     assert tls["serverName"] and not tls.get("insecureSkipVerify")
     assert {tls["ca"]["secret"]["key"], tls["cert"]["secret"]["key"], tls["keySecret"]["key"]} == {
         "ca.crt", "tls.crt", "tls.key"}
-    # The grpc ports are no longer cleartext HTTP/2.
+    # The grpc ports are no longer cleartext HTTP/2, nor the HTTP API's plain HTTP.
     for service in ("Service/attnserve", "Service/attnserve-headless"):
-        assert all(p.get("appProtocol") != "kubernetes.io/h2c" for p in manifests["tls"][service]["spec"]["ports"])
+        assert all(p.get("appProtocol") not in ("kubernetes.io/h2c", "http")
+                   for p in manifests["tls"][service]["spec"]["ports"])
+    assert {p["name"]: p.get("appProtocol") for p in manifests["tls"]["Service/attnserve"]["spec"]["ports"]}["http"] == "https"
     # The cpu overlay is untouched.
     assert "ATTNSERVE_TLS_CERT_FILE" not in env(manifests, "cpu")
     assert "scheme" not in manifests["cpu"]["ServiceMonitor/attnserve"]["spec"]["endpoints"][0]

@@ -67,7 +67,8 @@ def test_legacy_graph_needs_a_gqa_node(tmp_path):
 def test_every_model_dir_holds_both_graphs_on_one_copy_of_the_weights(test_model_dir):
     card = ModelCard.load(test_model_dir)
     assert card.graphs == {"with_query_seqlens": contract.MODEL_FILE,
-                           "without_query_seqlens": contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS}
+                           "without_query_seqlens": contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS,
+                           contract.INSPECTION_GRAPH: contract.INSPECTION_MODEL_FILE}
     data_files = sorted(p.name for p in test_model_dir.iterdir() if p.name.endswith(".data"))
     assert data_files == [contract.MODEL_FILE + ".data"]
     graph = onnx.load(str(test_model_dir / contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS), load_external_data=False).graph

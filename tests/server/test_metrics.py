@@ -34,7 +34,17 @@ def fresh_metrics(**overrides) -> Metrics:
     return Metrics(card, **settings)
 
 
+# The families labelled by the front a request came through; value() reads their gRPC series unless told.
+PROTOCOL_FAMILIES = ("attnserve_requests_finished_total", "attnserve_requests_rejected_total",
+                     "attnserve_prompt_tokens_total", "attnserve_generated_tokens_total",
+                     "attnserve_request_duration_seconds", "attnserve_time_to_first_token_seconds",
+                     "attnserve_inter_token_latency_seconds", "attnserve_queue_time_seconds",
+                     "attnserve_request_prompt_tokens", "attnserve_request_generated_tokens")
+
+
 def value(m: Metrics, name: str, **labels) -> float | None:
+    if name.startswith(PROTOCOL_FAMILIES):
+        labels.setdefault("protocol", "grpc")
     return m.registry.get_sample_value(name, {"model": MODEL, **labels})
 
 
@@ -44,11 +54,11 @@ def step(prefill=0, decode=0, duration=0.01, running=1, waiting=0, slots=1, toke
 
 
 def finished(reason=FinishReason.LENGTH, arrived=100.0, admitted=100.5, token_times=(101.0, 101.25, 101.75),
-             end=102.0, prompt=7, completion=3, running=0) -> RequestReport:
+             end=102.0, prompt=7, completion=3, running=0, protocol="grpc") -> RequestReport:
     return RequestReport(finish_reason=reason, error=None if reason else "boom", arrived=arrived, admitted=admitted,
                          first_token=token_times[0] if token_times else None, finished=end, prompt_tokens=prompt,
                          completion_tokens=completion, token_times=list(token_times), running=running,
-                         waiting=0, slots_in_use=running)
+                         waiting=0, slots_in_use=running, protocol=protocol)
 
 
 # ---- the engine's reports ------------------------------------------------------------------
@@ -91,6 +101,10 @@ def test_steps_are_timed_by_phase_and_move_the_gauges():
     # Gauges hold the last report.
     assert (value(m, "attnserve_requests_running"), value(m, "attnserve_requests_waiting")) == (2, 1)
     assert (value(m, "attnserve_kv_slots_in_use"), value(m, "attnserve_kv_tokens_in_use")) == (2, 150)
+    # The endpoint picker's KV-cache usage: slots in use over the 4 slots, 0 to 1.
+    assert value(m, "attnserve_kv_cache_usage_ratio") == 0.5
+    m.on_request_finished(finished(running=0))
+    assert value(m, "attnserve_kv_cache_usage_ratio") == 0
 
 
 def test_a_finished_request_fills_its_latency_and_token_histograms():
@@ -146,6 +160,32 @@ def test_rejections_and_step_failures_are_counted_by_reason():
     assert value(m, "attnserve_requests_rejected_total", reason="queue_full") == 2
     assert value(m, "attnserve_requests_rejected_total", reason="draining") == 1
     assert value(m, "attnserve_engine_step_failures_total") == 1
+
+
+def test_requests_are_counted_under_the_protocol_their_front_set():
+    m = fresh_metrics()
+    for protocol in ("grpc", "http"):  # both fronts read 0 before their first request
+        assert value(m, "attnserve_requests_finished_total", protocol=protocol, finish_reason="stop") == 0
+        assert value(m, "attnserve_requests_rejected_total", protocol=protocol, reason="queue_full") == 0
+        assert value(m, "attnserve_generated_tokens_total", protocol=protocol) == 0
+    m.on_request_finished(finished(protocol="http", prompt=5, completion=3))
+    m.on_request_finished(finished(protocol="grpc", prompt=7, completion=2))
+    m.on_request_finished(finished(protocol="http", prompt=1, completion=4))
+    m.on_rejected("queue_full", "http")
+    assert value(m, "attnserve_requests_finished_total", protocol="http", finish_reason="length") == 2
+    assert value(m, "attnserve_requests_finished_total", protocol="grpc", finish_reason="length") == 1
+    assert value(m, "attnserve_generated_tokens_total", protocol="http") == 7
+    assert value(m, "attnserve_prompt_tokens_total", protocol="grpc") == 7
+    assert value(m, "attnserve_time_to_first_token_seconds_count", protocol="http") == 2
+    assert value(m, "attnserve_inter_token_latency_seconds_count", protocol="http") == 4
+    assert value(m, "attnserve_requests_rejected_total", protocol="http", reason="queue_full") == 1
+    assert value(m, "attnserve_requests_rejected_total", protocol="grpc", reason="queue_full") == 0
+    # A front of another name: free-form, its zero series on request, its reports under its own name.
+    assert value(m, "attnserve_requests_finished_total", protocol="kserve", finish_reason="stop") is None
+    m.add_protocol("kserve")
+    assert value(m, "attnserve_requests_finished_total", protocol="kserve", finish_reason="stop") == 0
+    m.on_request_finished(finished(protocol="kserve", reason=FinishReason.STOP))
+    assert value(m, "attnserve_requests_finished_total", protocol="kserve", finish_reason="stop") == 1
 
 
 def test_every_generation_method_and_code_attnserve_returns_starts_at_zero():
@@ -450,6 +490,8 @@ def test_counters_equal_what_n_known_requests_returned(test_model_dir, server_pr
     assert sample(s, "attnserve_grpc_server_handling_seconds_count", **generation) == n + invalid
     assert sample(s, "attnserve_requests_finished_total", model=model, finish_reason="length") == n
     assert sample(s, "attnserve_requests_finished_total", model=model) == n  # invalid ones never reach the engine
+    assert sample(s, "attnserve_requests_finished_total", model=model, protocol="grpc") == n
+    assert sample(s, "attnserve_requests_finished_total", model=model, protocol="http") == 0
     for histogram in ("attnserve_request_duration_seconds", "attnserve_time_to_first_token_seconds",
                       "attnserve_queue_time_seconds", "attnserve_request_prompt_tokens",
                       "attnserve_request_generated_tokens"):

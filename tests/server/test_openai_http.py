@@ -226,6 +226,25 @@ def test_malformed_json_is_400_and_an_oversized_body_413(plain):
     assert status == 413 and "max-request-bytes" in body["error"]["message"]
 
 
+def test_a_client_timeout_ends_the_request_with_504(plain):
+    # 983 tokens take at least 0.2 s on the test model (0.2 ms per decode step at the fastest measured),
+    # ten times the 20 ms deadline: the engine ends the request at its deadline, not at its length.
+    long = {"model": "test", "prompt": PROMPT_IDS, "max_tokens": 1000 - len(PROMPT_IDS), "ignore_eos": True}
+    status, _, body = post(plain, "/v1/completions", json.dumps({**long, "timeout": 0.02}).encode())
+    assert status == 504 and body["error"]["code"] == "timeout" and "deadline" in body["error"]["message"]
+    status, _, body = post(plain, "/v1/completions", json.dumps(long).encode(), {"X-Request-Timeout": "0.02"})
+    assert status == 504 and body["error"]["type"] == "server_error"
+    with pytest.raises(openai.InternalServerError) as timed_out:  # the SDK's type for a 5xx
+        sdk(plain).completions.create(model="test", prompt=PROMPT_IDS, max_tokens=1000 - len(PROMPT_IDS),
+                                      extra_body={"ignore_eos": True, "timeout": 0.02})
+    assert timed_out.value.status_code == 504
+    status, _, body = post(plain, "/v1/completions", json.dumps({**long, "timeout": -1}).encode())
+    assert status == 400 and body["error"]["param"] == "timeout"
+    status, _, body = post(plain, "/v1/completions", json.dumps(long).encode(), {"X-Request-Timeout": "soon"})
+    assert status == 400 and body["error"]["param"] == "X-Request-Timeout"
+    wait_until(lambda: plain.metric("attnserve_kv_slots_in_use") == 0, 30, "a timed-out request kept its KV slot")
+
+
 def test_models_health_and_metrics(plain):
     models = sdk(plain).models.list()
     assert [m.id for m in models.data] == ["test"]
@@ -233,6 +252,37 @@ def test_models_health_and_metrics(plain):
         assert response.status == 200
     assert plain.metric("attnserve_http_requests_total", 'code="200",model="test",route="/v1/completions"') >= 1
     assert plain.metric("attnserve_http_requests_total", 'code="200",model="test",route="/v1/models"') >= 1
+
+
+def test_tokenize_and_detokenize_answer_as_the_grpc_tokenize_does(plain, chat):
+    grpc_ids = list(plain.stub().Tokenize(pb.TokenizeRequest(prompt="hello there"), timeout=30).token_ids)
+    status, _, body = post(plain, "/tokenize", json.dumps({"model": "test", "prompt": "hello there"}).encode())
+    assert status == 200 and body["tokens"] == grpc_ids and body["count"] == len(grpc_ids)
+    assert body["max_model_len"] == 1024
+    status, _, body = post(plain, "/detokenize", json.dumps({"tokens": grpc_ids}).encode())
+    assert status == 200 and body["prompt"] == "hello there"
+    messages = [{"role": "user", "content": "hi"}]
+    grpc_chat = chat.stub().Tokenize(pb.TokenizeRequest(messages=pb.ChatMessages(
+        messages=[pb.ChatMessage(role="user", content="hi")])), timeout=30)
+    status, _, body = post(chat, "/tokenize", json.dumps({"messages": messages}).encode())
+    assert status == 200 and body["tokens"] == list(grpc_chat.token_ids)
+    status, _, body = post(plain, "/detokenize", json.dumps({"tokens": [1, 10 ** 6]}).encode())
+    assert status == 400 and body["error"]["param"] == "tokens" and "vocabulary" in body["error"]["message"]
+    status, _, body = post(plain, "/tokenize", json.dumps({"prompt": "x", "model": "other"}).encode())
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_requests_are_counted_under_the_protocol_they_came_through(plain):
+    def generated(protocol):
+        return plain.metric("attnserve_generated_tokens_total", f'protocol="{protocol}"')
+
+    http_before, grpc_before = generated("http"), generated("grpc")
+    sdk(plain).completions.create(model="test", prompt=PROMPT_IDS, max_tokens=5, extra_body={"ignore_eos": True})
+    plain.stub().Generate(build_request(prompt_token_ids=PROMPT_IDS, max_new_tokens=3, ignore_eos=True), timeout=30)
+    # The engine reports a request just after its client has the answer.
+    wait_until(lambda: (generated("http") - http_before, generated("grpc") - grpc_before) == (5, 3), 10,
+               lambda: f"generated tokens by protocol moved by {generated('http') - http_before} (http) and "
+                       f"{generated('grpc') - grpc_before} (grpc), not 5 and 3")
 
 
 def test_a_closed_stream_cancels_its_request_and_frees_its_slot(plain):
@@ -306,6 +356,36 @@ def test_api_keys_guard_v1_but_not_health(test_model_dir, server_class):
         keyed.stop()
 
 
+def get(server, path: str, headers: dict | None = None) -> tuple[int, dict, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def test_metrics_on_the_http_port_are_the_registry_under_the_metrics_ports_key_rule(test_model_dir):
+    # metrics_port=-1 (InProcessServer's): the HTTP port is the only place to scrape, as a router would.
+    for needs_key in ("off", "on"):
+        server = InProcessServer(test_model_dir, kv_slots=1, max_seq_len=256, http_port=free_port(),
+                                 api_keys="sekret", metrics_needs_api_key=needs_key)
+        try:
+            status, headers, text = get(server.server, "/metrics")
+            if needs_key == "on":
+                assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+                assert headers["WWW-Authenticate"].startswith("Bearer")
+                status, headers, text = get(server.server, "/metrics", {"Authorization": "Bearer sekret"})
+            assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+            assert "attnserve_kv_cache_usage_ratio{" in text and "_created" not in text
+            families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+            assert families == {line.split()[2] for line in server.metrics_text().splitlines()
+                                if line.startswith("# TYPE")}
+            assert get(server.server, "/v1/models")[0] == 401  # /v1 keeps needing its key either way
+        finally:
+            server.stop()
+
+
 # ---- health follows the gRPC health status -------------------------------------------------
 
 
@@ -369,6 +449,8 @@ def test_a_full_queue_is_429_with_retry_after(test_model_dir):
                                      json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
         assert status == 429 and headers["Retry-After"] == "1"
         assert body["error"]["type"] == "rate_limit_error" and "max-queued-requests" in body["error"]["message"]
+        assert server.metric("attnserve_requests_rejected_total", 'protocol="http",reason="queue_full"') == 1
+        assert server.metric("attnserve_requests_rejected_total", 'protocol="grpc",reason="queue_full"') == 0
     finally:
         for stream in (held, waiting):
             if stream is not None:
