@@ -61,6 +61,7 @@ class Plan:
     threads: int
     gguf: Optional[Path] = None  # llamacpp's model; None: the GGUF the model dir was imported from
     closed_only: bool = False  # no Poisson or long-mix points (peer comparisons at a few concurrencies)
+    llamacpp_flags: tuple[str, ...] = ()  # appended to llama-server's command line
     alt_models: tuple[Path, ...] = ()  # more model dirs served like attnserve-grpc: systems attnserve-grpc:<dir name>
     warmup_requests: int = 8
     bandwidth_mb: int = 1024
@@ -81,6 +82,7 @@ def parse_args(argv=None) -> Plan:
     parser.add_argument("--alt-model", type=Path, action="append", default=[],
                         help="another model dir of the same model (quantized weights, say), served over gRPC with the "
                         "same settings as system attnserve-grpc:<dir name>, after the others; repeatable")
+    parser.add_argument("--llamacpp-flags", default="", help="more llama-server flags, one string: --llamacpp-flags=\"--kv-unified\"")
     parser.add_argument("--gguf", type=Path, help="GGUF for llamacpp (default: the one the model dir was imported from)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop concurrencies [1,4,16,64]")
     parser.add_argument("--no-cache-concurrency", default="1,4",
@@ -119,6 +121,7 @@ def parse_args(argv=None) -> Plan:
         time_cap_s=args.time_cap, seed=args.seed, scale=LengthScale(args.length_scale), checkpoint=args.checkpoint,
         prefill_chunk_tokens=args.prefill_chunk_tokens, threads=args.threads, gguf=args.gguf,
         closed_only=args.closed_only, alt_models=tuple(args.alt_model),
+        llamacpp_flags=tuple(shlex.split(args.llamacpp_flags)),
     )
     plan = dataclasses.replace(plan, systems=plan.systems + tuple(ALT_PREFIX + m.name for m in plan.alt_models))
     if args.quick:
@@ -173,7 +176,8 @@ def build_system(name: str, run: Run) -> Optional[System]:
             print(f"llamacpp skipped: {reason}", file=sys.stderr)
             return None
         threads = run.settings.intra_op_threads or os.cpu_count()  # attnserve's: 0 is one per core
-        return peers.LlamaCppServer(binary, gguf, run.settings.max_seq_len, threads, plan.concurrency[0])
+        return peers.LlamaCppServer(binary, gguf, run.settings.max_seq_len, threads, plan.concurrency[0],
+                                    extra_flags=plan.llamacpp_flags)
     if name == "attnserve-slots1":
         return AttnserveGrpc(model_dir, dataclasses.replace(run.settings, kv_slots=1), name="attnserve-slots1")
     if name == "no-kv-cache":
@@ -286,6 +290,7 @@ async def run_system(run: Run, name: str) -> None:
         if name == "attnserve-grpc" and not plan.closed_only:
             await poisson_points(run, system)
     finally:
+        run.systems[name]["settings"] = system.settings()  # again: a system that restarted records each start
         await system.stop()
 
 

