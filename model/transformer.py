@@ -78,7 +78,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # x / sqrt(...) rather than x * rsqrt(...): exported, this is the pattern onnxruntime fuses into one
+        # SimplifiedLayerNormalization kernel (the rsqrt form stays seven separate operators per norm).
+        return self.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
