@@ -29,7 +29,7 @@ from inference import grpc_service_pb2 as pb
 from server import kserve_convert as convert
 from server import requests
 from server.errors import AttnserveError, InvalidRequestError, to_status
-from server.service import GenerationService, safe_parser, Undecodable, merge_updates
+from server.service import GenerationService, Undecodable, errors_to_status, merge_updates, safe_parser
 from server.types import GenerationRequest
 
 log = logging.getLogger("attnserve.kserve")
@@ -46,17 +46,8 @@ def _decoded(message, kind: str):
     return message
 
 
-@contextlib.asynccontextmanager
-async def _aborting(context: grpc.aio.ServicerContext):
-    try:
-        yield
-    except (asyncio.CancelledError, grpc.aio.AbortError):
-        raise
-    except Exception as e:
-        if not isinstance(e, AttnserveError):
-            log.exception("unexpected error in a KServe handler")
-        code, message = to_status(e)
-        await context.abort(code, message)
+def _aborting(context: grpc.aio.ServicerContext):
+    return errors_to_status(context, "KServe")
 
 
 def _stream_error(error: BaseException, request_id: str) -> pb.ModelStreamInferResponse:

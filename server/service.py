@@ -1,6 +1,6 @@
 """The gRPC service: it converts, submits to the engine and awaits; it never touches engine state.
 
-Every handler runs inside `_errors_to_status`, the one place where exceptions
+Every handler runs inside `errors_to_status`, the one place where exceptions
 become gRPC status codes (server/errors.py decides which).
 
 Each request's output travels through an `OutputStream`:
@@ -58,14 +58,16 @@ def safe_parser(message_type):
 
 
 @contextlib.asynccontextmanager
-async def _errors_to_status(context: grpc.aio.ServicerContext):
+async def errors_to_status(context: grpc.aio.ServicerContext, service: str = "Generation"):
+    """A unary call ends with the status server/errors.py assigns to what it raised (every gRPC service's
+    handlers run inside this); an error of no known kind is logged with its traceback first."""
     try:
         yield
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as e:
         if not isinstance(e, AttnserveError):
-            log.exception("unexpected error in a handler")
+            log.exception("unexpected error in a %s handler", service)
         code, message = to_status(e)
         await context.abort(code, message)
 
@@ -237,13 +239,13 @@ class GenerationService:
         self.engine.cancel(handle)
 
     async def Generate(self, message, context) -> pb.GenerateResponse:
-        async with _errors_to_status(context):
+        async with errors_to_status(context):
             request = self._request(message, context)
             updates = [u async for u in self._updates(request)]
             return convert.unary_response(request.request_id, updates)
 
     async def GenerateStream(self, message, context):
-        async with _errors_to_status(context):
+        async with errors_to_status(context):
             request = self._request(message, context)
             async for update in self._updates(request):
                 yield convert.stream_response(request.request_id, update)
@@ -252,14 +254,14 @@ class GenerationService:
         return self.model_info
 
     async def Tokenize(self, message, context) -> pb.TokenizeResponse:
-        async with _errors_to_status(context):
+        async with errors_to_status(context):
             if isinstance(message, Undecodable):
                 raise InvalidRequestError("request", f"is not a valid TokenizeRequest ({message.error})")
             ids = convert.prompt_ids(message, self.codec, self.limits)
             return convert.tokenize_response(ids, self.codec.token_strings(ids))
 
     async def InspectAttention(self, message, context) -> bytes:
-        async with _errors_to_status(context):
+        async with errors_to_status(context):
             if isinstance(message, Undecodable):
                 raise InvalidRequestError("request", f"is not a valid InspectAttentionRequest ({message.error})")
             if self.inspection is None:

@@ -191,10 +191,9 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def write_tiny_gguf(path: Path, model, tokenizer: Tokenizer, architecture: str = "llama") -> None:
-    """The tiny Llama as llama.cpp would write it, float32: renamed tensors, Q/K rows permuted, gpt2-style vocab."""
+def add_tiny_metadata(writer: gguf.GGUFWriter, model, tokenizer: Tokenizer) -> None:
+    """The tiny Llama's hyperparameters and gpt2-style vocabulary, as llama.cpp's converter writes them."""
     config = model.config
-    writer = gguf.GGUFWriter(path, architecture)
     writer.add_name("tiny llama")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -214,6 +213,13 @@ def write_tiny_gguf(path: Path, model, tokenizer: Tokenizer, architecture: str =
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(TINY_CHAT_TEMPLATE)
+
+
+def write_tiny_gguf(path: Path, model, tokenizer: Tokenizer, architecture: str = "llama") -> None:
+    """The tiny Llama as llama.cpp would write it, float32: renamed tensors, Q/K rows permuted, gpt2-style vocab."""
+    config = model.config
+    writer = gguf.GGUFWriter(path, architecture)
+    add_tiny_metadata(writer, model, tokenizer)
 
     gguf_names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                   "lm_head.weight": "output.weight"}

@@ -25,7 +25,7 @@ from server import contract
 from server.contract import ModelCard
 from server.runner import ModelRunner, RunnerError
 from tests.export.test_export import assert_one_line_error, run_export
-from tests.export.test_importers import TINY_CHAT_TEMPLATE, llama_cpp_permute, tiny_llama, train_tiny_tokenizer
+from tests.export.test_importers import add_tiny_metadata, llama_cpp_permute, tiny_llama, train_tiny_tokenizer
 
 SEED = 20261201
 GGML = gguf.GGMLQuantizationType
@@ -200,25 +200,7 @@ def write_quantized_gguf(path: Path, model, tokenizer, formats: dict[str, str]) 
     """The tiny Llama as llama.cpp writes it, each tensor in formats[its GGUF name prefix] (default F32)."""
     config = model.config
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("tiny llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([token for token, _ in vocab])
-    writer.add_token_types([3 if token in ("<unk>", "<s>", "</s>") else 1 for token, _ in vocab])
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_chat_template(TINY_CHAT_TEMPLATE)
+    add_tiny_metadata(writer, model, tokenizer)
     top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
     per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
