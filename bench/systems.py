@@ -92,6 +92,17 @@ class System:
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+), metrics (\d+|off)")
 
 
+async def terminate(process: Optional[subprocess.Popen]) -> None:
+    """SIGTERM a server process that is still running (it drains), SIGKILL it after a minute."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            await asyncio.to_thread(process.wait, 60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait, 10)
+
+
 def _metrics_text(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
@@ -182,13 +193,7 @@ class AttnserveGrpc(System):
         if getattr(self, "channel", None) is not None:
             await self.channel.close()
             self.channel = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                await asyncio.to_thread(self.process.wait, 10)
+        await terminate(self.process)
 
     async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
         from attnserve.v1 import generation_pb2 as pb

@@ -29,7 +29,8 @@ from inference import grpc_service_pb2 as pb
 from server import kserve_convert as convert
 from server import requests
 from server.errors import AttnserveError, InvalidRequestError, to_status
-from server.service import GenerationService, Undecodable, errors_to_status, merge_updates, safe_parser
+from server.service import (GenerationService, Undecodable, errors_to_status, merge_updates, safe_parser,
+                            unary_handler)
 from server.types import GenerationRequest
 
 log = logging.getLogger("attnserve.kserve")
@@ -163,11 +164,7 @@ class InferenceService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers whose parsers turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""
-        def unary(method, request_type, response_type):
-            return grpc.unary_unary_rpc_method_handler(
-                method, request_deserializer=safe_parser(request_type),
-                response_serializer=response_type.SerializeToString)
-
+        unary = unary_handler
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "ServerLive": unary(self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": unary(self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),

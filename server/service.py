@@ -57,6 +57,12 @@ def safe_parser(message_type):
     return parse
 
 
+def unary_handler(method, request_type, response_type) -> grpc.RpcMethodHandler:
+    """A unary method whose undecodable request reaches the handler as Undecodable (INVALID_ARGUMENT)."""
+    return grpc.unary_unary_rpc_method_handler(method, request_deserializer=safe_parser(request_type),
+                                               response_serializer=response_type.SerializeToString)
+
+
 @contextlib.asynccontextmanager
 async def errors_to_status(context: grpc.aio.ServicerContext, service: str = "Generation"):
     """A unary call ends with the status server/errors.py assigns to what it raised (every gRPC service's
@@ -273,11 +279,7 @@ class GenerationService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Method handlers with parsers that turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""
-        def unary(method, request_type, response_type):
-            return grpc.unary_unary_rpc_method_handler(
-                method, request_deserializer=safe_parser(request_type),
-                response_serializer=response_type.SerializeToString)
-
+        unary = unary_handler
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Generate": unary(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
             "GenerateStream": grpc.unary_stream_rpc_method_handler(

@@ -215,17 +215,18 @@ def add_tiny_metadata(writer: gguf.GGUFWriter, model, tokenizer: Tokenizer) -> N
     writer.add_chat_template(TINY_CHAT_TEMPLATE)
 
 
-def write_tiny_gguf(path: Path, model, tokenizer: Tokenizer, architecture: str = "llama") -> None:
-    """The tiny Llama as llama.cpp would write it, float32: renamed tensors, Q/K rows permuted, gpt2-style vocab."""
-    config = model.config
-    writer = gguf.GGUFWriter(path, architecture)
-    add_tiny_metadata(writer, model, tokenizer)
+LLAMA_CPP_TOP_LEVEL = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
+                       "lm_head.weight": "output"}
+LLAMA_CPP_PER_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                       "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                       "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                       "mlp.down_proj": "ffn_down"}
 
-    gguf_names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                  "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+def llama_cpp_tensors(model):
+    """(kind, GGUF name, values) per tensor of a Hugging Face Llama, as llama.cpp's converter names and permutes
+    them; kind is the name's stem (`attn_q`, `token_embd`, ...). A tied head is left out, as the converter does."""
+    config = model.config
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -237,9 +238,19 @@ def write_tiny_gguf(path: Path, model, tokenizer: Tokenizer, architecture: str =
                 values = llama_cpp_permute(values, config.num_attention_heads)
             elif part == "self_attn.k_proj":
                 values = llama_cpp_permute(values, config.num_key_value_heads)
-            name = f"blk.{layer}.{per_layer[part]}.weight"
+            kind = LLAMA_CPP_PER_LAYER[part]
+            yield kind, f"blk.{layer}.{kind}.weight", values
         else:
-            name = gguf_names[name]
+            kind = LLAMA_CPP_TOP_LEVEL[name]
+            yield kind, f"{kind}.weight", values
+
+
+def write_tiny_gguf(path: Path, model, tokenizer: Tokenizer, architecture: str = "llama") -> None:
+    """The tiny Llama as llama.cpp would write it, float32: renamed tensors, Q/K rows permuted, gpt2-style vocab."""
+    writer = gguf.GGUFWriter(path, architecture)
+    add_tiny_metadata(writer, model, tokenizer)
+
+    for _, name, values in llama_cpp_tensors(model):
         writer.add_tensor(name, np.ascontiguousarray(values))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -25,7 +25,7 @@ from server import contract
 from server.contract import ModelCard
 from server.runner import ModelRunner, RunnerError
 from tests.export.test_export import assert_one_line_error, run_export
-from tests.export.test_importers import add_tiny_metadata, llama_cpp_permute, tiny_llama, train_tiny_tokenizer
+from tests.export.test_importers import add_tiny_metadata, llama_cpp_tensors, tiny_llama, train_tiny_tokenizer
 
 SEED = 20261201
 GGML = gguf.GGMLQuantizationType
@@ -198,30 +198,9 @@ def test_verification_compares_with_the_graphs_own_weights(int4_llama_dir, test_
 
 def write_quantized_gguf(path: Path, model, tokenizer, formats: dict[str, str]) -> None:
     """The tiny Llama as llama.cpp writes it, each tensor in formats[its GGUF name prefix] (default F32)."""
-    config = model.config
     writer = gguf.GGUFWriter(path, "llama")
     add_tiny_metadata(writer, model, tokenizer)
-    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
-    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        values = tensor.numpy()
-        if name.startswith("model.layers."):
-            _, _, layer, rest = name.split(".", 3)
-            part = rest.removesuffix(".weight")
-            if part == "self_attn.q_proj":
-                values = llama_cpp_permute(values, config.num_attention_heads)
-            elif part == "self_attn.k_proj":
-                values = llama_cpp_permute(values, config.num_key_value_heads)
-            kind = per_layer[part]
-            gguf_name = f"blk.{layer}.{kind}.weight"
-        else:
-            kind = top[name]
-            gguf_name = f"{kind}.weight"
+    for kind, gguf_name, values in llama_cpp_tensors(model):
         fmt = formats.get(kind, "F32") if values.ndim == 2 else "F32"
         values = np.ascontiguousarray(values, np.float32)
         if fmt == "F32":
