@@ -15,6 +15,14 @@ Per call, B = KV slots in the call, S = padded chunk length, M = slot capacity:
     past_key_values.{i}.key/.value   float [B, Hkv, M, hd]   bound to the same buffers as
     present.{i}.key/.value           float [B, Hkv, M, hd]   (written in place)
     logits                  float [B, V]   of each row's last valid token
+
+Model dirs of the other kinds (the card's `kind`) have graphs without a KV cache, batch B and
+length T dynamic:
+
+    encoder:           input_ids, attention_mask (1 = token, 0 = padding), token_type_ids   int64 [B, T]
+                       -> embeddings       float32 [B, D]   pooled (card: pooling), L2-normalized if card.normalized
+    image-classifier:  pixel_values        float32 [B, C, H, W]   preprocessed as the card's `image` says
+                       -> logits           float32 [B, n_labels]  (softmax gives the probabilities)
 """
 from __future__ import annotations
 
@@ -47,6 +55,18 @@ SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 QUERY_SEQLENS = "query_seqlens"
 LOGITS = "logits"
+ATTENTION_MASK = "attention_mask"
+TOKEN_TYPE_IDS = "token_type_ids"
+EMBEDDINGS = "embeddings"
+PIXEL_VALUES = "pixel_values"
+
+# What a model dir serves (the card's `kind`; absent in decoder dirs exported before the other kinds).
+KIND_DECODER = "decoder"
+KIND_ENCODER = "encoder"
+KIND_IMAGE_CLASSIFIER = "image-classifier"
+KINDS = (KIND_DECODER, KIND_ENCODER, KIND_IMAGE_CLASSIFIER)
+ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
+POOLINGS = ("mean", "cls")
 
 # com.microsoft.GroupQueryAttention's inputs, in onnxruntime 1.32's order. Optional inputs the
 # serving graph skips are left empty in the node, so an input's index in this list is its
@@ -124,6 +144,7 @@ class ModelCard:
     # Block-quantized weights (export/quantize.py: weights_card): scheme, block_size, accuracy_level, source,
     # per tensor kind the op, bits, zero points and origin of the blocks, and the dir's bytes. Empty: float weights.
     weights: dict = dataclasses.field(default_factory=dict)
+    kind: str = KIND_DECODER
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -149,3 +170,68 @@ class ModelCard:
     def eos_token_ids(self) -> list[int]:
         eos = self.special_tokens.get("eos_token_id")
         return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def card_kind(model_dir) -> str:
+    """The kind of model a dir serves, read before choosing which card class loads it."""
+    try:
+        data = json.loads((Path(model_dir) / CARD_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{CARD_FILE} cannot be read: {e}") from None
+    kind = data.get("kind", KIND_DECODER) if isinstance(data, dict) else None
+    if kind not in KINDS:
+        raise ValueError(f"{CARD_FILE} has kind {kind!r}; this server serves {', '.join(KINDS)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class EncoderCard:
+    """`attnserve.json` of an encoder or image-classifier dir: a graph without a KV cache (module docstring).
+
+    An encoder embeds text: the server tokenizes with the dir's tokenizer.json (its post-processor adds
+    the special tokens), refuses or truncates inputs longer than max_tokens, and feeds the three
+    ENCODER_INPUTS. An image classifier takes images preprocessed as `image` says:
+        {"height": H, "width": W, "channels": C,      # resized to H x W, C = 1 (grayscale) or 3 (RGB)
+         "scale": s, "mean": [C floats], "std": [C floats]}   # pixel_values = (uint8 / 255 * s - mean) / std
+    """
+
+    name: str
+    kind: str  # KIND_ENCODER or KIND_IMAGE_CLASSIFIER
+    dtype: str  # "float32"
+    inputs: list
+    outputs: list
+    model: dict  # the full ModelConfig
+    exporter: dict
+    verification: dict  # figures measured at export against the reference, with their bounds
+    max_tokens: int = 0  # encoder: longest input, special tokens included
+    embedding_dim: int = 0  # encoder: D of `embeddings`
+    pooling: str = ""  # encoder: one of POOLINGS
+    normalized: bool = False  # encoder: embeddings have unit L2 norm
+    labels: list = dataclasses.field(default_factory=list)  # image classifier: label of each logit
+    image: dict = dataclasses.field(default_factory=dict)  # image classifier: preprocessing (class docstring)
+    source: dict = dataclasses.field(default_factory=dict)  # where the weights came from (package, hashes checked)
+    format: int = CARD_FORMAT
+
+    def __post_init__(self):
+        if self.kind not in (KIND_ENCODER, KIND_IMAGE_CLASSIFIER):
+            raise ValueError(f"an EncoderCard's kind is {KIND_ENCODER} or {KIND_IMAGE_CLASSIFIER}, got {self.kind!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "EncoderCard":
+        data = json.loads(text)
+        if data.get("format") != CARD_FORMAT:
+            raise ValueError(f"model card format {data.get('format')!r} is not {CARD_FORMAT}; re-export the model dir")
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"model card lacks {', '.join(missing)}; re-export the model dir")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, model_dir) -> "EncoderCard":
+        return cls.from_json((Path(model_dir) / CARD_FILE).read_text())
