@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from bench import bandwidth, peers, report
+from bench import bandwidth, genai_build, peers, report
 from bench.loadgen import closed_loop, occupancy, open_loop, summarize
 from bench.systems import (ROOT, AttnserveGrpc, AttnserveInProcess, GenaiEngine, GenaiGenerator, OrtRecompute,
                            ServerSettings, System, TorchCachedLoop, TransformersGenerate)
@@ -36,7 +36,8 @@ AUTO_RATE_FRACTIONS = (0.5, 0.8)  # Poisson rates, as fractions of attnserve-grp
 LONG_MIX_CONCURRENCY = 16
 LONG_POISSON_FRACTION = 0.7  # of attnserve-grpc's closed-loop rate on the long mix
 # Run when named in --systems, or with --peers (bench/peers.py; llamacpp needs `make peers`).
-PEER_SYSTEMS = ("attnserve-http", "llamacpp")
+# genai-builder-*: onnxruntime-genai on the model its own builder made (bench/genai_build.py, `make peers`).
+PEER_SYSTEMS = ("attnserve-http", "llamacpp", "genai-builder-engine", "genai-builder-generator")
 KNOWN_SYSTEMS = ALL_SYSTEMS + PEER_SYSTEMS
 ALT_PREFIX = "attnserve-grpc:"  # + a --alt-model dir's name
 
@@ -63,6 +64,7 @@ class Plan:
     closed_only: bool = False  # no Poisson or long-mix points (peer comparisons at a few concurrencies)
     llamacpp_flags: tuple[str, ...] = ()  # appended to llama-server's command line
     alt_models: tuple[Path, ...] = ()  # more model dirs served like attnserve-grpc: systems attnserve-grpc:<dir name>
+    genai_model: Optional[Path] = None  # genai-builder-*'s folder; None: bench/genai_build.py's
     warmup_requests: int = 8
     bandwidth_mb: int = 1024
 
@@ -83,6 +85,8 @@ def parse_args(argv=None) -> Plan:
                         help="another model dir of the same model (quantized weights, say), served over gRPC with the "
                         "same settings as system attnserve-grpc:<dir name>, after the others; repeatable")
     parser.add_argument("--llamacpp-flags", default="", help="more llama-server flags, one string: --llamacpp-flags=\"--kv-unified\"")
+    parser.add_argument("--genai-model", type=Path, help="genai-builder-*'s model folder (default: the one "
+                        "`make peers` builds with onnxruntime-genai's own builder, int4 CPU)")
     parser.add_argument("--gguf", type=Path, help="GGUF for llamacpp (default: the one the model dir was imported from)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="closed-loop concurrencies [1,4,16,64]")
     parser.add_argument("--no-cache-concurrency", default="1,4",
@@ -120,7 +124,7 @@ def parse_args(argv=None) -> Plan:
         rounds=args.rounds, min_requests=args.min_requests, poisson_requests=args.poisson_requests,
         time_cap_s=args.time_cap, seed=args.seed, scale=LengthScale(args.length_scale), checkpoint=args.checkpoint,
         prefill_chunk_tokens=args.prefill_chunk_tokens, threads=args.threads, gguf=args.gguf,
-        closed_only=args.closed_only, alt_models=tuple(args.alt_model),
+        closed_only=args.closed_only, alt_models=tuple(args.alt_model), genai_model=args.genai_model,
         llamacpp_flags=tuple(shlex.split(args.llamacpp_flags)),
     )
     plan = dataclasses.replace(plan, systems=plan.systems + tuple(ALT_PREFIX + m.name for m in plan.alt_models))
@@ -182,6 +186,15 @@ def build_system(name: str, run: Run) -> Optional[System]:
         return AttnserveGrpc(model_dir, dataclasses.replace(run.settings, kv_slots=1), name="attnserve-slots1")
     if name == "no-kv-cache":
         return OrtRecompute(model_dir, run.settings.max_seq_len, max(plan.no_cache_concurrency))
+    if name.startswith("genai-builder-"):
+        folder = plan.genai_model or genai_build.GENAI_DIR
+        if not (folder / "genai_config.json").is_file():
+            print(f"{name} skipped: no onnxruntime-genai builder model in {folder} (run `make peers`)", file=sys.stderr)
+            return None
+        system = GenaiEngine(folder) if name.endswith("-engine") else GenaiGenerator(folder, genai_pad_token(folder))
+        system.name = name
+        system.description += ", on the model onnxruntime-genai's builder made (int4, CPU)"
+        return system
     if name == "genai-engine":
         return GenaiEngine(model_dir)
     if name == "genai-generator":

@@ -142,10 +142,12 @@ def dequantized_weights(model_dir: Path) -> dict:
     import onnx
     from onnx import helper, numpy_helper
 
+    from export.graph_passes import fused_members
     from export.quantize import _PREFIX, EMBEDDING, BlockWeight
 
     model = onnx.load(str(Path(model_dir) / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
+    split_sizes = {n.input[0]: n.input[1] for n in model.graph.node if n.op_type == "Split"}
 
     def array(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -154,7 +156,6 @@ def dequantized_weights(model_dir: Path) -> dict:
     for node in model.graph.node:
         if node.domain != "com.microsoft" or not node.name.startswith(_PREFIX):
             continue
-        name = node.name[len(_PREFIX):]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         bits = attrs["bits"]
         if node.op_type == "MatMulNBits":
@@ -164,14 +165,21 @@ def dequantized_weights(model_dir: Path) -> dict:
             zero = 2 ** (bits - 1)
             if len(node.input) > 3 and node.input[3]:
                 zero = int(unpack_codes(array(node.input[3]).reshape(n, -1), bits, 1)[0, 0])
-            offsets = array(f"{_PREFIX}{name}.offsets")
-            weight = BlockWeight(codes, scales, bits, zero, None if offsets is None else offsets.T.copy())
-        elif node.op_type == "GatherBlockQuantized" and name == EMBEDDING:
+            # A fused node (q, k, v or gate, up; export/graph_passes.py) holds its members' rows in order.
+            members = fused_members(node) or [node.name]
+            sizes = array(split_sizes[node.output[0]]) if len(members) > 1 else [n]
+            start = 0
+            for member, size in zip(members, sizes):
+                name = member[len(_PREFIX):]
+                offsets = array(f"{_PREFIX}{name}.offsets")
+                weight = BlockWeight(codes[start:start + size], scales[start:start + size], bits, zero,
+                                     None if offsets is None else offsets.T.copy())
+                out[name] = weight.dequantize()
+                start += size
+        elif node.op_type == "GatherBlockQuantized" and node.name == _PREFIX + EMBEDDING:
             codes = array(node.input[0])
             weight = BlockWeight(codes, array(node.input[2]).reshape(codes.shape[0], -1), bits, 2 ** (bits - 1))
-        else:
-            continue
-        out[name] = weight.dequantize()
+            out[EMBEDDING] = weight.dequantize()
     return out
 
 

@@ -93,11 +93,12 @@ def dir_bytes(folder: Path) -> int:
 def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str = "float32",
                     verify_device: str = "cpu", weights: str = "fp32",
                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, gguf_blocks: Optional[dict] = None,
-                    q4_1: str = "offsets") -> ModelCard:
+                    q4_1: str = "offsets", head_bits: int = 8) -> ModelCard:
     """Export, verify against PyTorch (on verify_device's execution provider), then move into place.
 
     weights "int8" / "int4": block-quantized weights (export/quantize.py), from gguf_blocks where the
-    GGUF's own blocks fit (export/gguf_blocks.py), verified against PyTorch holding the same weights.
+    GGUF's own blocks fit (export/gguf_blocks.py), verified against PyTorch holding the same weights;
+    head_bits 4 rounds the LM head to 4 bits (default 8).
     """
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -122,7 +123,7 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
             log(f"quantizing the weights to {weights} (accuracy_level {accuracy_level}) ...")
             # From here on, PyTorch holds the graph's own weights, dequantized: that is what it is verified against.
             model, weights_entry = quantize.write_quantized_graph(tmp / contract.MODEL_FILE, model, weights,
-                                                                  accuracy_level, gguf_blocks, q4_1)
+                                                                  accuracy_level, gguf_blocks, q4_1, head_bits)
         gqa_nodes = count_ops(tmp / contract.MODEL_FILE).get("GroupQueryAttention", 0)
         if gqa_nodes != config.n_layers:
             raise ExportError(f"the graph has {gqa_nodes} GroupQueryAttention nodes, expected one per layer ({config.n_layers})")

@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from export import graph_passes
+
 BLOCK = 32
 ACCURACY_LEVELS = (0, 4)  # 0: fp32 arithmetic on dequantized weights; 4: int8 activations (faster, less exact)
 SCHEMES = ("fp32", "int8", "int4")
@@ -195,7 +197,7 @@ def quantize_graph(model: onnx.ModelProto, params: dict[str, np.ndarray], weight
     del g.graph.node[:]
     g.graph.node.extend(new_nodes)
     g.graph.initializer.extend(g.added)
-    _remove_dead(model)
+    graph_passes.remove_dead_nodes(model)  # the tied head's Transpose, the float weights
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return counts
@@ -235,26 +237,6 @@ def _gather(g: _Graph, node: onnx.NodeProto, weight: BlockWeight) -> onnx.NodePr
                             domain=MS_DOMAIN, bits=8, block_size=BLOCK, gather_axis=0, quantize_axis=1)
 
 
-def _remove_dead(model: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nobody reads (the tied head's Transpose), then unread initializers and value_info."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    del graph.node[:]
-    graph.node.extend(kept)
-    live_inits = [i for i in graph.initializer if i.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(live_inits)
-    live_info = [v for v in graph.value_info if v.name in needed]
-    del graph.value_info[:]
-    graph.value_info.extend(live_info)
-
-
 def weight_kind(name: str) -> Optional[str]:
     """The card's tensor kind of a parameter that is quantized, or None for one that stays float."""
     if name == EMBEDDING:
@@ -274,7 +256,7 @@ class Planned:
 
 def plan_weights(scheme: str, state: dict[str, np.ndarray], tied: bool,
                  gguf_blocks: Optional[dict[str, tuple[str, Optional[BlockWeight]]]] = None,
-                 q4_1: str = "offsets") -> dict[str, Planned]:
+                 q4_1: str = "offsets", head_bits: int = 8) -> dict[str, Planned]:
     """The BlockWeight of every quantized parameter under scheme ("int8" or "int4").
 
     state: float32 [N, K] values by our parameter name (a GGUF import's are its dequantized blocks).
@@ -282,8 +264,13 @@ def plan_weights(scheme: str, state: dict[str, np.ndarray], tied: bool,
     they are: under int4, Q4_0, Q4_1 and Q8_0 (the file's 8-bit tensors stay 8-bit); under int8, Q8_0.
     Anything else is rounded to nearest from its float values. q4_1 "requantize" rounds Q4_1
     tensors to symmetric 4-bit instead of holding their block offsets. The embedding is 8-bit always
-    (a gather reads a few rows a token, so fewer bits would save bytes on disk only).
+    (a gather reads a few rows a token, so fewer bits would save bytes on disk only). The LM head
+    takes the scheme's bits, but at most head_bits: 8 (the default) keeps it 8-bit under int4, as
+    the GGUF files of small models do (it is a fifth of SmolLM2's weights and the most sensitive);
+    4 rounds it to 4 bits too (faster decode, measured quality in docs/quantization.md).
     """
+    if head_bits not in (4, 8):
+        raise ValueError(f"head_bits must be 4 or 8, got {head_bits}")
     if scheme not in SCHEME_BITS:
         raise ValueError(f"scheme must be one of {', '.join(SCHEME_BITS)}, got {scheme!r}")
     names = [n for n in state if weight_kind(n) is not None]
@@ -293,10 +280,14 @@ def plan_weights(scheme: str, state: dict[str, np.ndarray], tied: bool,
     for name in names:
         values = state[EMBEDDING if name == LM_HEAD and tied else name]
         bits = 8 if name == EMBEDDING else SCHEME_BITS[scheme]
+        if name == LM_HEAD:
+            bits = min(bits, head_bits)
         if values.shape[1] % BLOCK:
             continue  # MatMulNBits could pad, but no model here has such rows; it stays float
         format_name, blocks = (gguf_blocks or {}).get(name, (None, None))
         exact_ok = blocks is not None and (blocks.bits == 8 or (bits == 4 and blocks.bits == 4))
+        if exact_ok and name == LM_HEAD and blocks.bits > head_bits:
+            exact_ok = False
         if exact_ok and name == EMBEDDING and not blocks.symmetric:
             exact_ok = False
         if exact_ok and blocks.offsets is not None and q4_1 == "requantize":
@@ -337,7 +328,7 @@ def weights_card(scheme: str, planned: dict[str, Planned], accuracy_level: int) 
 
 
 def write_quantized_graph(model_path, model, scheme: str, accuracy_level: int,
-                          gguf_blocks: Optional[dict] = None, q4_1: str = "offsets"):
+                          gguf_blocks: Optional[dict] = None, q4_1: str = "offsets", head_bits: int = 8):
     """Rewrite the fp32 model.onnx at model_path (+ its .data) with scheme's blocks, in place.
 
     Returns (reference, weights entry): reference is the PyTorch module with the very weights the
@@ -351,7 +342,7 @@ def write_quantized_graph(model_path, model, scheme: str, accuracy_level: int,
     from model.transformer import Transformer
 
     state = {name: t.detach().float().numpy() for name, t in model.state_dict().items()}
-    planned = plan_weights(scheme, state, model.config.tie_embeddings, gguf_blocks, q4_1)
+    planned = plan_weights(scheme, state, model.config.tie_embeddings, gguf_blocks, q4_1, head_bits)
     graph = onnx.load(str(model_path))
     params = {name: state[name] for name in planned if name in state}
     counts = quantize_graph(graph, params, {name: p.weight for name, p in planned.items()}, accuracy_level)
@@ -359,6 +350,8 @@ def write_quantized_graph(model_path, model, scheme: str, accuracy_level: int,
     if counts["MatMulNBits"] != matmuls or counts["GatherBlockQuantized"] != (EMBEDDING in planned):
         raise RuntimeError(f"the graph rewrite replaced {counts}, expected {matmuls} MatMulNBits and "
                            f"{int(EMBEDDING in planned)} GatherBlockQuantized: a weight was not found in the graph")
+    counts["Reshape_folded"] = graph_passes.fold_reshapes(graph)
+    counts["MatMulNBits_fused_away"] = graph_passes.fuse_shared_input_matmuls(graph)
     data = f"{os.path.basename(model_path)}.data"
     data_path = os.path.join(os.path.dirname(model_path), data)
     if os.path.exists(data_path):

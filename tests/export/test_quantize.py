@@ -16,6 +16,7 @@ import torch
 from gguf.quants import dequantize, quantize
 from onnx import numpy_helper
 
+from export import graph_passes
 from export import quantize as q
 from export.gguf_blocks import block_weight, gguf_block_weights, rotary_row_order
 from export.importers import (GGUF_PER_LAYER, GGUF_TOP_LEVEL, find_smollm2_gguf, open_gguf, rename_tensor,
@@ -41,7 +42,17 @@ def graph_weights(model_dir: Path) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         name = node.name.removeprefix("quantized/")
-        if node.op_type == "MatMulNBits":
+        if node.op_type == "MatMulNBits" and graph_passes.fused_members(node):
+            # One node for several projections (q, k, v; gate, up): its rows are theirs, in order.
+            values, start = unpack_matmul_nbits(node, attrs, inits), 0
+            split = next(n for n in model.graph.node if n.op_type == "Split" and n.input[0] == node.output[0])
+            for member, size in zip(graph_passes.fused_members(node), inits[split.input[1]]):
+                member = member.removeprefix("quantized/")
+                rows = values[start:start + size]
+                offsets = inits.get(f"quantized/{member}.offsets")
+                out[member] = rows if offsets is None else rows + np.repeat(offsets.T, 32, axis=1)
+                start += size
+        elif node.op_type == "MatMulNBits":
             out[name] = unpack_matmul_nbits(node, attrs, inits)
         elif node.op_type == "GatherBlockQuantized":
             codes, scales = inits[node.input[0]].astype(np.float32), inits[node.input[2]]
@@ -147,8 +158,13 @@ def test_int4_dir_holds_every_projection_as_matmul_nbits(int4_llama_dir):
     card = ModelCard.load(int4_llama_dir)
     graph = onnx.load(str(int4_llama_dir / contract.MODEL_FILE), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    # 7 projections a layer, the head; no float MatMul is left with a weight operand.
-    assert ops.count("MatMulNBits") == 7 * card.n_layers + 1 and ops.count("GatherBlockQuantized") == 1
+    # 7 projections a layer and the head were rewritten; q, k, v (one input) and gate, up (another) are
+    # then fused, so a layer runs 4 MatMulNBits, and a Split after each fused one. No float MatMul is left
+    # with a weight operand, and the heads' Reshapes back and forth are folded away.
+    assert card.weights["graph_nodes"]["MatMulNBits"] == 7 * card.n_layers + 1
+    assert card.weights["graph_nodes"]["MatMulNBits_fused_away"] == 3 * card.n_layers
+    assert ops.count("MatMulNBits") == 4 * card.n_layers + 1 and ops.count("GatherBlockQuantized") == 1
+    assert ops.count("Split") == 2 * card.n_layers and ops.count("Reshape") == 0
     inits = {i.name for i in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     weights = card.weights
