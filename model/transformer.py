@@ -1,10 +1,17 @@
-"""The decoder-only transformer, readable top to bottom.
+"""The transformer, readable top to bottom: a decoder, a sentence encoder or a Vision Transformer.
 
 Built from the parts of "Attention Is All You Need": scaled dot-product
 attention, multi-head attention with learned Q/K/V projections, positional
 information added to the token embeddings, residual blocks, an MLP and an LM
 head tied to the embedding. The config switches on the Llama-family parts:
-rotary positions, RMSNorm, SwiGLU and grouped-query heads.
+rotary positions, RMSNorm, SwiGLU and grouped-query heads; and the parts of
+the other two shapes, which share every block with the decoder:
+
+    decoder   input_ids ─► embed ─► blocks (causal) ─► final norm ─► LM head       forward()  -> (B, T, V)
+    encoder   input_ids, token types ─► embed + norm ─► blocks (padding keys masked,
+              post-norm as in BERT) ─► pool over valid tokens ─► L2-normalize       encode()   -> (B, D)
+    ViT       pixel_values ─► patches + CLS ─► blocks (all see all) ─► final norm
+              ─► linear classifier on CLS                                          classify() -> (B, n_labels)
 
 Shapes: B batch, T tokens in this call, S keys attended to, D d_model,
 H query heads, Hkv key/value heads, hd head_dim, V vocabulary.
@@ -27,10 +34,29 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Optional["Ro
 
 
 def scaled_dot_product_attention(q, k, v, mask):
-    """softmax(Q Kᵀ / √d) V. q (B, H, T, hd), k and v (B, H, S, hd), mask (.., T, S) True = may attend."""
+    """softmax(Q Kᵀ / √d) V. q (B, H, T, hd), k and v (B, H, S, hd), mask (.., T, S) True = may attend, None = all.
+
+    Every row of the mask must allow at least one key, or its softmax is 0/0 (attention_mask() sees to that).
+    """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v  # (B, H, T, hd)
+
+
+def attention_mask(T: int, causal: bool, key_padding: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """Which keys each query may see: (T, S), (B, 1, T|1, S) or None (all), S = T.
+
+    causal: token t sees tokens 0..t. key_padding (B, S) bool, True = a real token: padding keys are
+    hidden from every query. A row with no real token at all (an empty input) sees every key instead,
+    so that its softmax stays finite; poolings weigh such a row's tokens by zero anyway.
+    """
+    mask = torch.ones(T, T, dtype=torch.bool, device=device).tril() if causal else None  # (T, S)
+    if key_padding is None:
+        return mask
+    keys = key_padding | ~key_padding.any(dim=-1, keepdim=True)  # (B, S)
+    keys = keys[:, None, None, :]  # (B, 1, 1, S)
+    return keys if mask is None else keys & mask  # (B, 1, T|1, S)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -93,6 +119,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
+        self.causal = config.causal
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         kv_dim = config.n_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
@@ -100,7 +127,9 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(self, x, positions, rope: Optional[Rotary], attend: Optional[AttendFn] = None):
+    def forward(self, x, positions, rope: Optional[Rotary], attend: Optional[AttendFn] = None,
+                key_padding: Optional[torch.Tensor] = None):
+        """key_padding (B, T) bool, True = a real token; None = every token is real."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
@@ -110,10 +139,10 @@ class MultiHeadAttention(nn.Module):
         else:
             if rope is not None:
                 q, k = rope(q, positions), rope(k, positions)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = attention_mask(T, self.causal, key_padding, x.device)
             n_rep = self.n_heads // self.n_kv_heads
             y = scaled_dot_product_attention(
-                q.transpose(1, 2), repeat_kv(k.transpose(1, 2), n_rep), repeat_kv(v.transpose(1, 2), n_rep), causal
+                q.transpose(1, 2), repeat_kv(k.transpose(1, 2), n_rep), repeat_kv(v.transpose(1, 2), n_rep), mask
             ).transpose(1, 2)  # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -134,25 +163,54 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
+    Post-norm (the original paper, BERT): norm(x + attn(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
+        self.post_norm = config.norm_position == "post"
         self.attn_norm = make_norm(config)
         self.attn = MultiHeadAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rope, attend=None):
-        x = x + self.attn(self.attn_norm(x), positions, rope, attend)
+    def forward(self, x, positions, rope, attend=None, key_padding=None):
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, positions, rope, attend, key_padding))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), positions, rope, attend, key_padding)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class PatchEmbedding(nn.Module):
+    """The Vision Transformer's front: an image becomes a CLS token followed by one token per patch.
+
+    A Conv2d whose stride equals its kernel is one linear projection of each non-overlapping
+    patch_size x patch_size patch, patches taken row by row. Positions are added by the model.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(config.channels, config.d_model, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, config.d_model))
+
+    def forward(self, pixel_values):
+        patches = self.proj(pixel_values)  # (B, D, H/p, W/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.cls.expand(patches.size(0), -1, -1)  # (B, 1, D)
+        return torch.cat([cls, patches], dim=1)  # (B, 1 + N, D)
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.patch_size:
+            self.patch_emb = PatchEmbedding(config)
+        else:
+            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.type_vocab_size:
+            self.type_emb = nn.Embedding(config.type_vocab_size, config.d_model)
         if config.positional == "learned":
             self.pos_emb = nn.Embedding(config.max_positions, config.d_model)
         elif config.positional == "sinusoidal":
@@ -160,10 +218,15 @@ class Transformer(nn.Module):
         self.rope = (
             Rotary(config.head_dim, config.max_positions, config.rope_theta) if config.positional == "rope" else None
         )
+        if config.embedding_norm:
+            self.emb_norm = make_norm(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.final_norm = make_norm(config)
-        if not config.tie_embeddings:
+        if config.norm_position == "pre":  # post-norm blocks end normalized already
+            self.final_norm = make_norm(config)
+        if config.head == "lm" and not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.head == "classifier":
+            self.classifier = nn.Linear(config.d_model, config.n_labels)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -173,8 +236,14 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, input_ids, positions):
-        x = self.tok_emb(input_ids)  # (B, T, D)
+    def embed(self, inputs, positions, token_type_ids=None):
+        """Token (or patch) vectors plus positions (and token types), normalized where the config says.
+
+        inputs: input_ids int64 (B, T), or pixel_values (B, C, H, W) for an image model.
+        """
+        x = self.patch_emb(inputs) if self.config.patch_size else self.tok_emb(inputs)  # (B, T, D)
+        if self.config.type_vocab_size:
+            x = x + self.type_emb(torch.zeros_like(positions) if token_type_ids is None else token_type_ids)
         if self.config.positional == "learned":
             x = x + self.pos_emb(positions)
         elif self.config.positional == "sinusoidal":
@@ -182,6 +251,8 @@ class Transformer(nn.Module):
             # unit-amplitude sinusoids would otherwise drown them, and the model learns little beyond
             # token frequencies (measured: stuck at the unigram loss after 150 steps of `small`).
             x = x * math.sqrt(self.config.d_model) + self.pos_table[positions]
+        if self.config.embedding_norm:
+            x = self.emb_norm(x)
         return x
 
     def head(self, hidden):
@@ -190,17 +261,58 @@ class Transformer(nn.Module):
         weight = self.tok_emb.weight if self.config.tie_embeddings else self.lm_head.weight
         return hidden @ weight.t()
 
-    def hidden_states(self, input_ids, positions, attend: Optional[AttendFn] = None):
-        x = self.embed(input_ids, positions)
+    def hidden_states(self, inputs, positions, attend: Optional[AttendFn] = None,
+                      key_padding: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None):
+        x = self.embed(inputs, positions, token_type_ids)
         for block in self.blocks:
-            x = block(x, positions, self.rope, attend)
-        return x  # (B, T, D), before the final norm
+            x = block(x, positions, self.rope, attend, key_padding)
+        return x  # (B, T, D), before the final norm (if the model has one)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids int64 (B, T), attention_mask (B, T) 1 = token 0 = padding -> embeddings (B, D).
+
+        The embedding head: pooled over the valid tokens, unit length if the config normalizes.
+        A row without valid tokens pools to zeros.
+        """
+        if self.config.head != "embedding":
+            raise ValueError(f"encode() needs the embedding head; {self.config.name} has head {self.config.head!r}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)  # (B, T)
+        hidden = self.hidden_states(input_ids, positions, key_padding=attention_mask.bool(),
+                                    token_type_ids=token_type_ids)  # (B, T, D)
+        if self.config.norm_position == "pre":
+            hidden = self.final_norm(hidden)
+        pooled = pool(hidden, attention_mask, self.config.pooling)  # (B, D)
+        return F.normalize(pooled, p=2.0, dim=-1) if self.config.normalize_embeddings else pooled
+
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values float (B, C, H, W) -> logits (B, n_labels): a linear classifier on the normed CLS token."""
+        if self.config.head != "classifier" or not self.config.patch_size:
+            raise ValueError(f"classify() needs an image model with a classifier head; {self.config.name} is not one")
+        B = pixel_values.size(0)
+        positions = torch.arange(self.config.n_patches + 1, device=pixel_values.device).expand(B, -1)  # (B, 1 + N)
+        hidden = self.final_norm(self.hidden_states(pixel_values, positions))  # (B, 1 + N, D)
+        return self.classifier(hidden[:, 0])  # (B, n_labels)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids int64 (B, T) -> logits (B, T, V); no cache, causal attention over the T tokens."""
+        if self.config.head != "lm":
+            raise ValueError(f"forward() is the LM head's; {self.config.name} has head {self.config.head!r}: "
+                             "use encode() or classify()")
         if position_ids is None:
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
         return self.head(self.hidden_states(input_ids, position_ids))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """hidden (B, T, D), attention_mask (B, T) 1 = token -> (B, D): the mean over valid tokens, or the first token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.to(hidden.dtype)[:, :, None]  # (B, T, 1)
+    count = weights.sum(dim=1).clamp(min=1.0)  # (B, 1): an empty row divides zeros by one
+    return (hidden * weights).sum(dim=1) / count  # (B, D)

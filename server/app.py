@@ -2,7 +2,10 @@
 
     ServerConfig ─► ModelCard + ModelRunner (onnxruntime, KV buffers) ─► Engine thread
                                                                             ▲ submit / cancel
-    grpc.aio server: Generation service, grpc.health.v1.Health, reflection ─┘
+    grpc.aio server: Generation service, grpc.health.v1.Health, reflection ─┤
+                                                                            ▼ embed / classify
+                    encoder and image-classifier dirs ─► BatchedModel: a session and batch thread each
+                    (server/encoders.py), named in the registry ServedModels (server/models.py)
         and inference.GRPCInferenceService (KServe v2, server/kserve.py) on the same port
         (TLS or mutual TLS and API keys from server/security.py, when configured)
     prometheus /metrics (server/metrics.py observes the engine; TLS like gRPC)
@@ -31,13 +34,15 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from server import contract
-from server.contract import ModelCard
-from server import metrics
+from server.contract import KIND_DECODER, ModelCard
+from server import images, metrics
 from server.config import ServerConfig
+from server.encoders import BatchedModel, BatchSettings
 from server.engine import Engine, EngineConfig
 from server.faults import FaultInjectingRunner, parse_fault_spec
 from server.kv_buffers import CacheShape
 from server.inspection import Inspection, InspectionLimits
+from server.models import DecoderModel, ServedModels
 from server.prompts import PromptCodec, load_tokenizer
 from server.grpc_auth import ApiKeyInterceptor
 from server import http_api
@@ -78,6 +83,49 @@ def package_version() -> str:
         return version("attnserve")
     except PackageNotFoundError:
         return "dev"
+
+
+def split_model_dirs(model_dirs) -> tuple[Path, list[Path]]:
+    """(the decoder's dir, the other dirs), each dir's kind read from its card."""
+    decoders, others = [], []
+    for model_dir in model_dirs:
+        if not Path(model_dir).is_dir():
+            raise StartupError(f"model dir {model_dir} does not exist; build one with `python -m export` "
+                               "(or `make model`)")
+        if not (Path(model_dir) / contract.CARD_FILE).is_file():
+            raise StartupError(f"model dir {model_dir} has no {contract.CARD_FILE}; re-export it with "
+                               "`python -m export`")
+        try:
+            kind = contract.card_kind(model_dir)
+        except ValueError as e:
+            raise StartupError(f"{model_dir}/{contract.CARD_FILE} is unreadable: {e}") from None
+        (decoders if kind == KIND_DECODER else others).append(Path(model_dir))
+    if len(decoders) > 1:
+        raise StartupError(f"--model names {len(decoders)} decoder dirs ({', '.join(map(str, decoders))}); a server "
+                           "serves one decoder: run one server per decoder")
+    if not decoders:
+        # Metrics, the HTTP API and KServe v2 are built around the decoder's engine.
+        raise StartupError(f"--model names no decoder dir (only {', '.join(map(str, others))}); this server needs "
+                           "one decoder beside its encoders and image classifiers")
+    return decoders[0], others
+
+
+def load_batched_models(model_dirs: list[Path], config: ServerConfig, observer) -> list[BatchedModel]:
+    settings = BatchSettings(
+        window_seconds=config.batch_window_ms / 1000, max_batch=config.max_batch,
+        max_batch_tokens=config.max_batch_tokens, max_inputs_per_request=config.max_inputs_per_request,
+        intra_op_threads=config.encoder_intra_op_threads)
+    models = []
+    for model_dir in model_dirs:
+        try:
+            models.append(BatchedModel(model_dir, settings, observer))
+        except Exception as e:  # onnxruntime, tokenizers and the card's checks raise their own types
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise StartupError(f"cannot serve {model_dir}: {reason}") from None
+        model = models[-1]
+        observer.add_batched_model(model.name, model.kind, model.card.dtype, model.provider,
+                                   lambda model=model: model.queued_inputs)
+    return models
 
 
 def load_card(model_dir: Path) -> ModelCard:
@@ -153,6 +201,7 @@ class Server:
     http_port: int = 0  # 0 = off
     serving: bool = False  # what grpc health says; /health reads it
     inspection: Optional[Inspection] = None  # InspectAttention's session and worker (server/inspection.py)
+    models: Optional[ServedModels] = None  # every model served by name: the decoder, encoders, image classifiers
 
     async def stop_listeners(self, grace: float) -> None:
         self.security.stop_reloading()
@@ -165,19 +214,28 @@ class Server:
     async def set_serving(self, serving: bool) -> None:
         self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in ("", SERVICE_NAME, kserve.SERVICE_NAME):
+        # Each model's name too, so that a probe can ask for one model (`grpc_health_probe -service NAME`).
+        for service in ("", SERVICE_NAME, kserve.SERVICE_NAME, *(self.models.names if self.models else ())):
             await self.health.set(service, status)
 
     async def drain_and_stop(self) -> None:
         """Refuse new work, let accepted requests finish (bounded by the grace period), then stop."""
         await self.set_serving(False)
         self.engine.begin_drain()
+        if self.models is not None:
+            self.models.begin_drain()
         grace = self.config.drain_grace_seconds
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         finished = await loop.run_in_executor(None, self.engine.wait_idle, grace)
+        if self.models is not None:
+            models_idle = await loop.run_in_executor(None, self.models.wait_idle, max(deadline - loop.time(), 0))
+            finished = finished and models_idle
         if not finished:
             log.warning("drain grace of %.0f s passed; cancelling the requests still running", grace)
         await loop.run_in_executor(None, self.engine.stop)
+        if self.models is not None:
+            await loop.run_in_executor(None, self.models.stop)
         if self.inspection is not None:
             self.inspection.stop()
         await self.stop_listeners(grace=1.0)
@@ -188,18 +246,19 @@ async def start_server(config: ServerConfig) -> Server:
         security = Security(config)
     except SecurityError as e:
         raise StartupError(str(e)) from None
-    card = load_card(config.model)
+    decoder_dir, other_dirs = split_model_dirs(config.model)
+    card = load_card(decoder_dir)
     capacity = min(config.max_seq_len, card.max_positions)
     check_kv_memory(CacheShape(card.n_layers, config.kv_slots, card.n_kv_heads, capacity, card.head_dim, card.dtype),
                     config.device)
     try:
-        runner = ModelRunner(config.model, card, config.kv_slots, capacity, config.device, config.intra_op_threads,
+        runner = ModelRunner(decoder_dir, card, config.kv_slots, capacity, config.device, config.intra_op_threads,
                              intra_op_spinning=config.intra_op_spinning == "on")
     except Exception as e:
         raise StartupError(str(e)) from None
-    check_model_runs(runner, card, config.model)
+    check_model_runs(runner, card, decoder_dir)
     try:
-        probe.check_at_startup(runner, card, config.model, capacity, log)
+        probe.check_at_startup(runner, card, decoder_dir, capacity, log)
     except probe.ProbeError as e:
         raise StartupError(str(e)) from None
     if config.fault_injection:
@@ -207,15 +266,22 @@ async def start_server(config: ServerConfig) -> Server:
                     config.fault_injection)
         runner = FaultInjectingRunner(runner, parse_fault_spec(config.fault_injection))
     try:
-        tokenizer = load_tokenizer(config.model)
+        tokenizer = load_tokenizer(decoder_dir)
         codec = PromptCodec(tokenizer, card)
     except Exception as e:  # the tokenizers library and jinja raise their own types
-        raise StartupError(f"cannot load the tokenizer or chat template of {config.model}: {e}") from None
+        raise StartupError(f"cannot load the tokenizer or chat template of {decoder_dir}: {e}") from None
     observer = metrics.Metrics(card, runner.provider, package_version(), config.kv_slots, capacity,
                                max_queued_requests=config.max_queued_requests)
     observer.init_grpc_service(SERVICE_DESCRIPTOR)
     observer.init_grpc_service(kserve.SERVICE_DESCRIPTOR)
     observer.add_protocol(kserve.PROTOCOL)
+    images.limit_pillow(config.max_image_pixels)
+    try:
+        models = ServedModels(DecoderModel(config.served_model_name or card.name, card),
+                              load_batched_models(other_dirs, config, observer),
+                              images.ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels))
+    except ValueError as e:  # two dirs of one name
+        raise StartupError(str(e)) from None
     # The engine thread reports a fatal break; the event loop that serve() waits on learns of it.
     broken = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -232,19 +298,19 @@ async def start_server(config: ServerConfig) -> Server:
         max_prompt_chars=codec.max_prompt_chars(capacity),
     )
     served = ServedModel(
-        name=card.name, architecture=card.architecture, dtype=card.dtype, execution_provider=runner.provider,
+        name=models.decoder.name, architecture=card.architecture, dtype=card.dtype, execution_provider=runner.provider,
         vocab_size=card.vocab_size, max_positions=card.max_positions, max_seq_len=capacity,
         kv_slots=config.kv_slots, max_new_tokens_limit=config.max_new_tokens_limit,
         has_chat_template=codec.has_chat_template, max_stop_strings=config.max_stop_strings,
         max_stop_string_length=config.max_stop_string_length, max_logprobs=config.max_logprobs,
         version=package_version(),
     )
-    inspection = Inspection(config.model, card, InspectionLimits(
+    inspection = Inspection(decoder_dir, card, InspectionLimits(
         max_tokens=config.inspection_max_tokens, max_generated_tokens=config.inspection_max_generated_tokens,
         max_floats=config.inspection_max_floats, max_queued=config.inspection_max_queued),
         intra_op_threads=config.inspection_intra_op_threads)
     service = GenerationService(engine, codec, limits, served, config.stream_stall_timeout_seconds,
-                                inspection=inspection)
+                                inspection=inspection, models=models)
 
     # The metrics interceptor comes first, so it also counts the calls the API-key check refuses.
     interceptors = [observer.grpc_interceptor()]
@@ -264,7 +330,7 @@ async def start_server(config: ServerConfig) -> Server:
     # KServe v2 clients on the same port; ready means what grpc health says (the Server made below).
     server: Optional[Server] = None
     inference = kserve.InferenceService(service, config.served_model_name or card.name, package_version(),
-                                        serving=lambda: server is not None and server.serving)
+                                        serving=lambda: server is not None and server.serving, models=models)
     grpc_server.add_generic_rpc_handlers((inference.handler(),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
@@ -293,6 +359,7 @@ async def start_server(config: ServerConfig) -> Server:
             raise StartupError(f"cannot listen on {config.host}:{config.health_port} for health ({e}); "
                                "is the port in use?") from None
     engine.start()
+    models.start()
     await grpc_server.start()
     if health_server is not None:
         await health_server.start()
@@ -300,6 +367,7 @@ async def start_server(config: ServerConfig) -> Server:
     server = Server(grpc_server, port, metrics_port, engine, health, config, broken, security, health_server,
                     health_port)
     server.inspection = inspection
+    server.models = models
     if config.http_port:
         api = http_api.HttpApi(service, http_api.HttpSettings(
             served_name=config.served_model_name or card.name, max_request_bytes=config.max_request_bytes,
@@ -311,11 +379,23 @@ async def start_server(config: ServerConfig) -> Server:
         except OSError as e:
             await server.stop_listeners(grace=0)
             await loop.run_in_executor(None, engine.stop)
+            await loop.run_in_executor(None, models.stop)
             raise StartupError(f"cannot serve the HTTP API on {config.host}:{config.http_port} "
                                f"({e.strerror or e}); is the port in use?") from None
         server.http_port = config.http_port
     await server.set_serving(True)
     return server
+
+
+def describe_batched(models: Optional[ServedModels]) -> str:
+    """The ready line's part for the encoders and image classifiers: ", also NAME (kind, ...), ..." or nothing."""
+    described = []
+    for model in (models.batched.values() if models else ()):
+        card = model.card
+        size = (f"{card.embedding_dim} dims, {card.max_tokens} tokens" if model.kind == contract.KIND_ENCODER
+                else f"{len(card.labels)} labels")
+        described.append(f"{model.name} ({model.kind}, {size}, {model.provider})")
+    return ", also " + ", ".join(described) if described else ""
 
 
 async def serve(config: ServerConfig) -> int:
@@ -327,11 +407,11 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "attnserve ready: grpc %s:%d, metrics %s, health %s, %s, model %s (%s, %s), %d KV slots x %d tokens, http %s",
+        "attnserve ready: grpc %s:%d, metrics %s, health %s, %s, model %s (%s, %s), %d KV slots x %d tokens%s, http %s",
         config.host, server.port, server.metrics_port if server.metrics_port >= 0 else "off",
         server.health_port if server.health_port >= 0 else "on the grpc port", server.security.mode,
         server.engine.card.name, server.engine.runner.provider, server.engine.card.dtype,
-        config.kv_slots, server.engine.config.max_seq_len, server.http_port or "off",
+        config.kv_slots, server.engine.config.max_seq_len, describe_batched(server.models), server.http_port or "off",
     )
     done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), asyncio.create_task(server.broken.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)

@@ -10,6 +10,12 @@ In your own code:
 
 `python -m server.client inspect "prompt" --png out.png [--layer L --head H] [--html out.html]`
 draws what each attention head attends to (InspectAttention; docs/inspection.md).
+`python -m server.client embed "text" ["text" ...]` prints each embedding's size and norm and, for
+several texts, their cosine similarities (`--json`: the vectors); `python -m server.client classify
+digit.png [more.png ...]` prints each image's most probable labels. In code:
+
+        client.embed(["a sentence", "another"]).embeddings[0].values
+        client.classify([Path("digit.png").read_bytes()], top_k=3).results[0].labels
 
 UNAVAILABLE (a draining server, a replica restarting behind a load balancer)
 is retried by gRPC itself with exponential backoff, through the service config
@@ -117,8 +123,20 @@ class AttnserveClient:
         options = self._call_options(kwargs)
         return self.stub.GenerateStream(build_request(prompt, **kwargs), **options)
 
-    def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._call_options({}))
+    def model_info(self, name: str = "") -> pb.ModelInfo:
+        """A served model's limits; name: one of served_models, empty = the decoder (or the only model)."""
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(name=name), **self._call_options({}))
+
+    def embed(self, texts: Sequence[str], model: str = "", truncate: bool = False, **kwargs) -> pb.EmbedResponse:
+        """One embedding per text, from `model` (empty = the only encoder served)."""
+        request = pb.EmbedRequest(model=model, texts=list(texts), truncate=truncate)
+        return self.stub.Embed(request, **self._call_options(kwargs))
+
+    def classify(self, images: Sequence, model: str = "", top_k: int = 0, **kwargs) -> pb.ClassifyResponse:
+        """Label probabilities per image: PNG or JPEG bytes, or pb.Image (raw_image() makes one of pixels)."""
+        images = [i if isinstance(i, pb.Image) else pb.Image(encoded=bytes(i)) for i in images]
+        request = pb.ClassifyRequest(model=model, top_k=top_k, images=images)
+        return self.stub.Classify(request, **self._call_options(kwargs))
 
     def inspect_attention(self, prompt: Optional[str] = None, messages: Optional[Sequence[tuple[str, str]]] = None,
                           prompt_token_ids: Optional[Sequence[int]] = None, layers: Sequence[int] = (),
@@ -143,6 +161,16 @@ class AttnserveClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def raw_image(pixels) -> pb.Image:
+    """A uint8 array [H, W] or [H, W, C] (C = 1 or 3) as an Image of raw pixels, sent without encoding."""
+    import numpy as np
+
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    height, width, channels = pixels.shape
+    return pb.Image(raw=pb.RawImage(data=pixels.tobytes(), height=height, width=width, channels=channels))
 
 
 def attention_pictures(response: pb.InspectAttentionResponse):
@@ -202,12 +230,90 @@ def inspect_main(argv) -> int:
     return 0
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float = 120.0) -> None:
+    parser.add_argument("--target", default="localhost:50051", help="server address [localhost:50051]")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"deadline in seconds [{timeout:g}]")
+    parser.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CAs (implied by --ca-file)")
+    parser.add_argument("--ca-file", help="PEM CA that signed the server's certificate")
+    parser.add_argument("--cert-file", help="PEM client certificate, for a server with mutual TLS")
+    parser.add_argument("--key-file", help="PEM key of --cert-file")
+    parser.add_argument("--api-key", help="API key, sent as `authorization: Bearer KEY` [env ATTNSERVE_API_KEY]")
+
+
+def connect(args) -> AttnserveClient:
+    return AttnserveClient(args.target, timeout=args.timeout, tls=args.tls, ca_file=args.ca_file,
+                           cert_file=args.cert_file, key_file=args.key_file, api_key=args.api_key)
+
+
+def embed_main(argv) -> int:
+    """`python -m server.client embed "text" ...`: sizes, norms and cosine similarities of the embeddings."""
+    import numpy as np
+
+    parser = argparse.ArgumentParser(prog="python -m server.client embed", description="Embed texts with an encoder.")
+    parser.add_argument("texts", nargs="+", help="the texts to embed")
+    parser.add_argument("--model", default="", help="the encoder's name [the only encoder served]")
+    parser.add_argument("--truncate", action="store_true", help="cut texts longer than the model reads; else refused")
+    parser.add_argument("--json", action="store_true", help="print the vectors as JSON instead")
+    add_connection_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        with connect(args) as client:
+            response = client.embed(args.texts, model=args.model, truncate=args.truncate)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    vectors = np.asarray([list(e.values) for e in response.embeddings], dtype=np.float32)  # [N, D]
+    if args.json:
+        print(json.dumps({"model": response.model, "tokens": [e.tokens for e in response.embeddings],
+                          "embeddings": vectors.tolist()}))
+        return 0
+    norms = np.linalg.norm(vectors, axis=1)  # [N]
+    print(f"{response.model}: {len(vectors)} embeddings of {vectors.shape[1]} dims, {response.prompt_tokens} tokens")
+    for i, (text, embedding, norm) in enumerate(zip(args.texts, response.embeddings, norms)):
+        shown = text if len(text) <= 60 else text[:59] + "\u2026"
+        print(f"[{i}] {embedding.tokens:4d} tokens, norm {norm:.4f}  {shown!r}")
+    if len(vectors) > 1:
+        cosine = (vectors @ vectors.T) / np.maximum(np.outer(norms, norms), 1e-12)  # [N, N]
+        print("cosine similarity:")
+        print("     " + "".join(f"{j:>8d}" for j in range(len(vectors))))
+        for i, row in enumerate(cosine):
+            print(f"[{i:2d}] " + "".join(f"{value:8.4f}" for value in row))
+    return 0
+
+
+def classify_main(argv) -> int:
+    """`python -m server.client classify digit.png ...`: each image's most probable labels."""
+    parser = argparse.ArgumentParser(prog="python -m server.client classify",
+                                     description="Classify PNG or JPEG images with an image classifier.")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
+    parser.add_argument("--model", default="", help="the classifier's name [the only image classifier served]")
+    parser.add_argument("--top-k", type=int, default=3, help="labels shown per image; 0 = all [3]")
+    add_connection_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        images = [path.read_bytes() for path in args.images]
+        with connect(args) as client:
+            response = client.classify(images, model=args.model, top_k=args.top_k)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{response.model}:")
+    for path, result in zip(args.images, response.results):
+        print(f"{path}: " + ", ".join(f"{label.label} {label.probability:.3f}" for label in result.labels))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["inspect"]:
-        return inspect_main(argv[1:])
+    commands = {"inspect": inspect_main, "embed": embed_main, "classify": classify_main}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="python -m server.client", description="Stream an answer from attnserve "
-                                     "(or `python -m server.client inspect --help`: attention pictures).")
+                                     "(or `python -m server.client inspect --help`: attention pictures; `embed "
+                                     "--help`: embeddings; `classify --help`: image labels).")
     parser.add_argument("prompt", help="the prompt, or with --chat the user's message")
     parser.add_argument("--target", default="localhost:50051", help="server address [localhost:50051]")
     parser.add_argument("--chat", action="store_true", help="send the prompt as a user message, rendered with the model's chat template")

@@ -24,7 +24,9 @@ def _option(default, help: str, **kwargs):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: Path = _option(None, "model dir written by `python -m export` (required)")
+    model: tuple[Path, ...] = _option(
+        (), "model dir written by `python -m export` (required); repeat it to serve encoders and image classifiers "
+        "beside the decoder, one decoder at most (the variable: dirs separated by commas)")
     host: str = _option("0.0.0.0", "address to bind the gRPC and metrics servers to")
     port: int = _option(50051, "gRPC port; 0 picks a free one (logged at start)")
     metrics_port: int = _option(9090, "Prometheus /metrics port; 0 picks a free one, -1 disables it")
@@ -80,16 +82,34 @@ class ServerConfig:
                                          "RESOURCE_EXHAUSTED")
     inspection_intra_op_threads: int = _option(
         1, "onnxruntime threads of the inspection session (its own, on the CPU), kept small so generation keeps its cores")
+    batch_window_ms: float = _option(2.0, "encoders and image classifiers: inputs of calls arriving within this "
+                                     "many ms of the oldest waiting one run together")
+    max_batch: int = _option(32, "encoders and image classifiers: most inputs (texts or images) per model run")
+    max_batch_tokens: int = _option(8192, "encoders: most padded tokens per run (inputs x the longest); a longer "
+                                    "text still runs, alone")
+    max_inputs_per_request: int = _option(128, "most texts (Embed) or images (Classify) per call")
+    max_image_bytes: int = _option(4 * 1024 * 1024, "largest encoded (PNG or JPEG) image")
+    max_image_pixels: int = _option(4096 * 4096, "most pixels (height x width) per image, read from the header "
+                                    "before decoding: a decompression-bomb guard")
+    encoder_intra_op_threads: int = _option(
+        1, "onnxruntime threads of each encoder's and image classifier's session; one keeps the decoder's steps "
+        "from waiting for cores that embeddings hold")
     fault_injection: str = _option(
         "", "for reliability tests only: 'run:N' makes the Nth model run raise, 'run:N+' every run from the Nth on")
     log_level: str = _option("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self):
         problems = []
-        if self.model is None:
+        object.__setattr__(self, "model", model_dirs(self.model))  # frozen: normalized once, here
+        if not self.model:
             problems.append("--model is required (or ATTNSERVE_MODEL)")
+        repeated = sorted({str(d) for d in self.model if self.model.count(d) > 1})
+        if repeated:
+            problems.append(f"--model {', '.join(repeated)} is given more than once")
         for name in ("kv_slots", "max_seq_len", "prefill_chunk_tokens", "max_queued_requests",
-                     "default_max_new_tokens", "max_new_tokens_limit", "max_request_bytes", "stream_buffer_tokens"):
+                     "default_max_new_tokens", "max_new_tokens_limit", "max_request_bytes", "stream_buffer_tokens",
+                     "max_batch", "max_batch_tokens", "max_inputs_per_request", "max_image_bytes",
+                     "max_image_pixels", "encoder_intra_op_threads"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.prefill_tokens_per_decode_row < 0:
@@ -123,6 +143,8 @@ class ServerConfig:
         if self.inspection_max_generated_tokens < 0:
             problems.append(f"--inspection-max-generated-tokens must be at least 0, got "
                             f"{self.inspection_max_generated_tokens}")
+        if not 0 <= self.batch_window_ms <= 1000:
+            problems.append(f"--batch-window-ms must be in [0, 1000], got {self.batch_window_ms}")
         if self.fault_injection:
             try:
                 parse_fault_spec(self.fault_injection)
@@ -130,6 +152,15 @@ class ServerConfig:
                 problems.append(f"--fault-injection: {e}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def model_dirs(value) -> tuple[Path, ...]:
+    """--model as given: one path, several, or the environment's comma-separated list."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        value = str(value).split(",") if isinstance(value, str) else [value]
+    return tuple(Path(v) for v in (str(v).strip() for v in value) if v)
 
 
 def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] = None) -> ServerConfig:
@@ -143,6 +174,7 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] =
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=None,
             choices=f.metadata.get("choices"), type=_type_of(f),
+            action="append" if f.name == "model" else "store",
             help=f"{f.metadata['help']} [env {env_name}; default {f.default}]",
         )
     args = parser.parse_args(argv)
@@ -161,4 +193,4 @@ def parse_config(argv: Optional[Sequence[str]] = None, environ: Optional[dict] =
 
 
 def _type_of(f: dataclasses.Field):
-    return {"model": Path}.get(f.name) or type(f.default)
+    return {"model": str}.get(f.name) or type(f.default)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 from attnserve.v1 import generation_pb2 as pb
 from server import requests
@@ -90,8 +90,9 @@ def unary_response(request_id: str, updates: list[GenerationUpdate]) -> pb.Gener
     )
 
 
-def model_info(served: ServedModel, inspection: Optional[Inspection] = None) -> pb.ModelInfo:
-    info = pb.ModelInfo(**dataclasses.asdict(served))
+def model_info(served: ServedModel, inspection: Optional[Inspection] = None,
+               served_models: Sequence[str] = ()) -> pb.ModelInfo:
+    info = pb.ModelInfo(**dataclasses.asdict(served), served_models=list(served_models) or [served.name])
     if inspection is not None:
         limits = inspection.limits
         info.MergeFrom(pb.ModelInfo(
@@ -108,7 +109,7 @@ def inspection_from_proto(message: pb.InspectAttentionRequest, codec: PromptCode
                           inspection.card, inspection.limits, prompt_field=message.WhichOneof("input") or "prompt")
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -117,7 +118,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-_ATTENTION_TAG = _varint(pb.InspectAttentionResponse.DESCRIPTOR.fields_by_name["attention"].number << 3 | 2)
+_ATTENTION_TAG = varint(pb.InspectAttentionResponse.DESCRIPTOR.fields_by_name["attention"].number << 3 | 2)
 
 
 def inspection_response(result: InspectionResult, codec: PromptCodec, card: ModelCard) -> bytes:
@@ -135,7 +136,7 @@ def inspection_response(result: InspectionResult, codec: PromptCodec, card: Mode
         head = pb.HeadAttention(layer=h.layer, head=h.head, kv_head=h.kv_head,
                                 probabilities=h.probabilities.astype("<f4", copy=False).tobytes(),
                                 entropy=h.entropy.tolist()).SerializeToString()
-        parts += [_ATTENTION_TAG, _varint(len(head)), head]
+        parts += [_ATTENTION_TAG, varint(len(head)), head]
     return b"".join(parts)
 
 

@@ -23,6 +23,12 @@ class InvalidRequestError(AttnserveError):
         self.field = field
 
 
+class NotFoundError(AttnserveError):
+    """A model name this server does not serve; the message lists the names it serves."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class RequestTooLargeError(AttnserveError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions ─► server/openai_convert.py ─► RequestFields
         ─► server/requests.py generation_request (the gRPC API's checks) ─► GenerationService.updates
+    POST /v1/embeddings ─► server/openai_convert.py ─► an encoder's BatchedModel.embed (server/encoders.py)
     GET /v1/models, GET /health (open even with API keys: probes carry none)
     POST /tokenize, /detokenize: the gRPC Tokenize's counterparts, in vLLM's shape
     GET /metrics: the metrics port's registry again, for routers that scrape the port they route to
@@ -27,7 +28,8 @@ from aiohttp import web
 
 from server import openai_convert, requests, validation
 from server.api_keys import ACCEPTED, MISSING, ApiKeys
-from server.errors import AttnserveError, InvalidRequestError, RequestTooLargeError, UnauthenticatedError
+from server.contract import KIND_ENCODER
+from server.errors import AttnserveError, InvalidRequestError, NotFoundError, RequestTooLargeError, UnauthenticatedError
 from server.http_errors import ModelNotFoundError, RouteNotFoundError, error_body, translate
 from server.metrics import HTTP_ROUTES as ROUTES  # one list: the metrics create these series at zero
 from server.service import GenerationService, merge_updates
@@ -75,6 +77,7 @@ class HttpApi:
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -169,6 +172,20 @@ class HttpApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        wanted = openai_convert.embedding_request(openai_convert.parse_body(await request.read()))
+        models = self.service.models
+        try:
+            model = models.resolve(wanted.model, KIND_ENCODER)
+        except NotFoundError:
+            raise ModelNotFoundError(wanted.model, models.describe()) from None
+        openai_convert.check_dimensions(wanted, model.card.embedding_dim)
+        try:
+            result = await model.embed(wanted.texts, wanted.truncate, PROTOCOL)
+        except InvalidRequestError as e:
+            raise openai_convert.embedding_error(e) from None
+        return web.json_response(openai_convert.embedding_response(model.name, result, wanted.encoding_format))
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrived = time.monotonic()

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from server.errors import (AttnserveError, DeadlineExceededError, InvalidRequestError, QueueFullError,
+from server.errors import (AttnserveError, DeadlineExceededError, InvalidRequestError, NotFoundError, QueueFullError,
                            RequestTooLargeError, ServerDrainingError, UnauthenticatedError)
 
 
-class ModelNotFoundError(AttnserveError):
+class ModelNotFoundError(NotFoundError):
     def __init__(self, model: str, served: str):
         super().__init__(f"The model `{model[:100]}` does not exist; this server serves `{served}`")
 
@@ -57,6 +57,7 @@ def translate(error: InvalidRequestError, aliases: Optional[dict[str, str]] = No
 _STATUS = (
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (NotFoundError, 404, "invalid_request_error", "model_not_found"),  # a name the model registry does not know
     (RouteNotFoundError, 404, "invalid_request_error", "not_found"),
     (UnauthenticatedError, 401, "invalid_request_error", "invalid_api_key"),
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),

@@ -3,6 +3,12 @@
     ModelInferRequest ─► named inputs and parameters ─► RequestFields ─► server/requests.py (native checks)
     GenerationUpdate(s) ─► ModelInferResponse: `text_output` BYTES [1], read by position
 
+Encoders and image classifiers take batches of texts or images and answer
+tensors (the section "encoders and image classifiers" below):
+
+    ModelInferRequest ─► EmbedInputs / ClassifyInputs ─► BatchedModel (server/encoders.py)
+    vectors / probabilities ─► ModelInferResponse: EMBEDDINGS, or PROBABILITIES and LABEL
+
 The model takes one prompt per request, `text_input` (BYTES, one element), and
 the sampling settings Triton's LLM backends name, each either a request
 parameter or a one-element input tensor: max_tokens, temperature, top_k,
@@ -18,13 +24,12 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
-import grpc
 import numpy as np
 
 from inference import grpc_service_pb2 as pb
-from server.errors import AttnserveError, InvalidRequestError
+from server.errors import InvalidRequestError, NotFoundError
 from server.http_errors import translate
 from server.types import GenerationUpdate, RequestFields
 
@@ -72,10 +77,8 @@ INPUT_NAMES = (TEXT_INPUT, *SETTINGS)
 _FIELD_NAMES = {"prompt": TEXT_INPUT, "max_new_tokens": "max_tokens", "sampling.seed": "seed", "request_id": "id"}
 
 
-class ModelNotFoundError(AttnserveError):
+class ModelNotFoundError(NotFoundError):
     """A model name or version this server does not serve."""
-
-    code = grpc.StatusCode.NOT_FOUND
 
 
 def kserve_error(error: InvalidRequestError) -> InvalidRequestError:
@@ -83,11 +86,14 @@ def kserve_error(error: InvalidRequestError) -> InvalidRequestError:
     return translate(error, _FIELD_NAMES)
 
 
-def check_model(name: str, version: str, served_name: str) -> None:
-    if name != served_name:
-        raise ModelNotFoundError(f"model `{name[:100]}` is not served here; this server serves `{served_name}`")
+def check_model(name: str, version: str, served: Union[str, Sequence[str]]) -> None:
+    """NOT_FOUND unless `name` is one of the served names (`served`: one name, or every one) at a version it has."""
+    served = [served] if isinstance(served, str) else list(served)
+    if name not in served:
+        raise ModelNotFoundError(f"model `{name[:100]}` is not served here; this server serves "
+                                 f"{', '.join(f'`{n}`' for n in served)}")
     if version not in ("", MODEL_VERSION):
-        raise ModelNotFoundError(f"model `{served_name}` has no version `{version[:100]}`; "
+        raise ModelNotFoundError(f"model `{name}` has no version `{version[:100]}`; "
                                  f"its only version is {MODEL_VERSION}")
 
 
@@ -284,3 +290,226 @@ def model_metadata(served_name: str) -> pb.ModelMetadataResponse:
         outputs=[tensor(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])],
     )
 
+
+
+# ---- encoders and image classifiers --------------------------------------------------------------
+#
+#   encoder:           TEXT BYTES [N] or [N, 1]                  -> EMBEDDINGS FP32 [N, D]
+#                      parameter `truncate` (bool): cut texts longer than the model takes instead of refusing them
+#   image classifier:  IMAGE BYTES [N] or [N, 1] (PNG or JPEG)  -> PROBABILITIES FP32 [N, labels]
+#                      or PIXELS UINT8 [N, H, W, C] (C = 1 or 3)    LABEL BYTES [N] (the most probable label)
+#
+# N is at most the server's --max-inputs-per-request; images of any size are resized to the model's.
+
+TEXT = "TEXT"
+EMBEDDINGS = "EMBEDDINGS"
+IMAGE = "IMAGE"
+PIXELS = "PIXELS"
+PROBABILITIES = "PROBABILITIES"
+LABEL = "LABEL"
+TRUNCATE = "truncate"
+ENCODER_OUTPUTS = (EMBEDDINGS,)
+CLASSIFIER_OUTPUTS = (PROBABILITIES, LABEL)
+PIXEL_CHANNELS = (1, 3)
+_BATCHED_FIELDS = {"texts": TEXT, "images": IMAGE}  # server/encoders.py's names for the inputs
+
+
+@dataclass(frozen=True)
+class EmbedInputs:
+    texts: list[str]
+    truncate: bool
+    outputs: tuple[str, ...]  # in the order the response carries them
+
+
+@dataclass(frozen=True)
+class ClassifyInputs:
+    images: list  # encoded PNG or JPEG bytes (IMAGE), or uint8 arrays [H, W, C] (PIXELS)
+    encoded: bool
+    outputs: tuple[str, ...]
+
+
+def _named_tensors(message: pb.ModelInferRequest, accepted: dict[str, str]) -> dict:
+    """{name: (tensor, raw data or None)} of a batched model's request, each name one it accepts
+    (`accepted`: name -> datatype), once."""
+    if message.raw_input_contents and len(message.raw_input_contents) != len(message.inputs):
+        raise InvalidRequestError("raw_input_contents", f"has {len(message.raw_input_contents)} entries for "
+                                                        f"{len(message.inputs)} inputs; send one per input")
+    tensors: dict = {}
+    for index, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if name not in accepted:
+            raise InvalidRequestError(name[:100] or "inputs", f"is not an input of this model; its inputs are "
+                                                              f"{', '.join(accepted)}")
+        if name in tensors:
+            raise InvalidRequestError(name, "is given twice")
+        if tensor.datatype != accepted[name]:
+            raise InvalidRequestError(name, f"datatype is {tensor.datatype[:20]!r}; this input takes {accepted[name]}")
+        if message.raw_input_contents and tensor.HasField("contents"):
+            raise InvalidRequestError(name, "has typed contents while the request sends raw_input_contents; "
+                                            "send one or the other")
+        tensors[name] = (tensor, message.raw_input_contents[index] if message.raw_input_contents else None)
+    return tensors
+
+
+def _requested_outputs(message: pb.ModelInferRequest, outputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The outputs asked for, in the request's order; all of the model's when none is named (as Triton does)."""
+    asked = []
+    for requested in message.outputs:
+        if requested.name not in outputs:
+            raise InvalidRequestError(requested.name[:100] or "outputs", f"is not an output of this model; its "
+                                                                         f"outputs are {', '.join(outputs)}")
+        if requested.name in asked:
+            raise InvalidRequestError(requested.name, "is asked for twice")
+        asked.append(requested.name)
+    return tuple(asked) or outputs
+
+
+def _model_parameters(message: pb.ModelInferRequest) -> list:
+    """The request's parameters but the stream's own (how to mark its end: the servicer reads it)."""
+    return [(name, p) for name, p in message.parameters.items() if name != EMPTY_FINAL_RESPONSE]
+
+
+def batched_error(error: InvalidRequestError) -> InvalidRequestError:
+    """A batched model's own check with this protocol's names: `texts[3]` -> `TEXT[3]`, `images` -> `IMAGE`."""
+    head, bracket, rest = error.field.partition("[")
+    if head not in _BATCHED_FIELDS:
+        return error
+    return InvalidRequestError(_BATCHED_FIELDS[head] + bracket + rest, str(error)[len(error.field) + 2:])
+
+
+def _count_of_list(tensor: pb.ModelInferRequest.InferInputTensor, what: str, max_inputs: int) -> None:
+    """N of a list of texts or images, shape [N] or [N, 1]: at least one, at most `max_inputs`."""
+    shape = list(tensor.shape)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 0:
+        raise InvalidRequestError(tensor.name, f"shape {shape} is not [N] or [N, 1]: one {what} per element")
+    _checked_count(tensor.name, shape[0], what, max_inputs)
+
+
+def _checked_count(name: str, count: int, what: str, max_inputs: int) -> None:
+    if count == 0:
+        raise InvalidRequestError(name, f"holds no {what}s; send at least one")
+    if count > max_inputs:
+        raise InvalidRequestError(name, f"holds {count} {what}s; this server takes at most {max_inputs} per "
+                                        "request (--max-inputs-per-request)")
+
+
+def embed_inputs(message: pb.ModelInferRequest, max_inputs: int) -> EmbedInputs:
+    """The texts an encoder's request sends, and whether to truncate them; their lengths are checked later."""
+    tensors = _named_tensors(message, {TEXT: "BYTES"})
+    if TEXT not in tensors:
+        raise InvalidRequestError(TEXT, "is missing; send the texts as a BYTES input of shape [N]")
+    tensor, raw = tensors[TEXT]
+    _count_of_list(tensor, "text", max_inputs)
+    texts = [_text(value, f"{TEXT}[{i}]") for i, value in enumerate(tensor_values(tensor, raw))]
+    truncate = False
+    for name, parameter in _model_parameters(message):
+        if name != TRUNCATE:
+            raise InvalidRequestError(name, f"is not a parameter of this model; it takes {TRUNCATE}")
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice != "bool_param":
+            raise InvalidRequestError(name, f"is a {choice or 'parameter with no value'}; this parameter takes "
+                                            "bool_param")
+        truncate = parameter.bool_param
+    return EmbedInputs(texts, truncate, _requested_outputs(message, ENCODER_OUTPUTS))
+
+
+def classify_inputs(message: pb.ModelInferRequest, max_inputs: int, max_pixels: int) -> ClassifyInputs:
+    """The images an image classifier's request sends: encoded files (IMAGE) or raw pixels (PIXELS); the
+    files are decoded, and every image's size checked, later (server/images.py)."""
+    tensors = _named_tensors(message, {IMAGE: "BYTES", PIXELS: "UINT8"})
+    if len(tensors) != 1:
+        raise InvalidRequestError(IMAGE if not tensors else PIXELS,
+                                  f"{'is missing' if not tensors else 'is sent with IMAGE'}; send either IMAGE "
+                                  "(PNG or JPEG files, BYTES [N]) or PIXELS (UINT8 [N, H, W, C])")
+    unknown = [name for name, _ in _model_parameters(message)]
+    if unknown:
+        raise InvalidRequestError(unknown[0], "is not a parameter of this model; it takes none")
+    outputs = _requested_outputs(message, CLASSIFIER_OUTPUTS)
+    if IMAGE in tensors:
+        tensor, raw = tensors[IMAGE]
+        _count_of_list(tensor, "image", max_inputs)
+        return ClassifyInputs(tensor_values(tensor, raw), True, outputs)
+    tensor, raw = tensors[PIXELS]
+    return ClassifyInputs(list(_pixels(tensor, raw, max_inputs, max_pixels)), False, outputs)
+
+
+def _pixels(tensor: pb.ModelInferRequest.InferInputTensor, raw: Optional[bytes], max_inputs: int,
+            max_pixels: int) -> np.ndarray:
+    """PIXELS as uint8 [N, H, W, C], read straight from the raw bytes (no Python list per pixel)."""
+    shape = list(tensor.shape)
+    if len(shape) != 4 or any(d <= 0 for d in shape[1:]) or shape[0] < 0:
+        raise InvalidRequestError(PIXELS, f"shape {shape} is not [N, H, W, C] with H, W and C at least 1")
+    if shape[3] not in PIXEL_CHANNELS:
+        raise InvalidRequestError(PIXELS, f"has {shape[3]} channels; images have 1 (grayscale) or 3 (RGB)")
+    _checked_count(PIXELS, shape[0], "image", max_inputs)
+    if shape[1] * shape[2] > max_pixels:
+        raise InvalidRequestError(PIXELS, f"images are {shape[2]} x {shape[1]} = {shape[1] * shape[2]} pixels; at "
+                                          f"most {max_pixels} are allowed")
+    if raw is not None:
+        data = np.frombuffer(raw, dtype=np.uint8)
+    else:
+        values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)  # typed UINT8 travels as uint32
+        if values.size and values.max() > 255:
+            raise InvalidRequestError(PIXELS, "has values outside 0..255, the range of UINT8")
+        data = values.astype(np.uint8)
+    if data.size != math.prod(shape):
+        raise InvalidRequestError(PIXELS, f"shape {shape} holds {math.prod(shape)} elements but the data has "
+                                          f"{data.size}")
+    return data.reshape(shape)  # [N, H, W, C]
+
+
+def _float32_output(name: str, values: np.ndarray) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    return (pb.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=list(values.shape)),
+            np.ascontiguousarray(values, dtype="<f4").tobytes())
+
+
+def _bytes_output(name: str, elements: Sequence[bytes]) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    return (pb.ModelInferResponse.InferOutputTensor(name=name, datatype="BYTES", shape=[len(elements)]),
+            encode_bytes_elements(elements))
+
+
+def _tensors_response(model_name: str, request_id: str, outputs: dict, order: Sequence[str]) -> pb.ModelInferResponse:
+    """The outputs named in `order` (what the request asked for), each with its raw data, by position."""
+    chosen = [outputs[name]() for name in order]  # each made only if asked for
+    return pb.ModelInferResponse(model_name=model_name, model_version=MODEL_VERSION, id=request_id,
+                                 outputs=[tensor for tensor, _ in chosen],
+                                 raw_output_contents=[raw for _, raw in chosen])
+
+
+def embed_response(model_name: str, request_id: str, vectors: np.ndarray, token_counts: Sequence[int],
+                   order: Sequence[str]) -> pb.ModelInferResponse:
+    """EMBEDDINGS FP32 [N, D]; the texts' tokens (special tokens included) in the `prompt_tokens` parameter."""
+    response = _tensors_response(model_name, request_id, {EMBEDDINGS: lambda: _float32_output(EMBEDDINGS, vectors)},
+                                 order)
+    response.parameters["prompt_tokens"].int64_param = int(sum(token_counts))
+    return response
+
+
+def classify_response(model_name: str, request_id: str, probabilities: np.ndarray, labels: Sequence[str],
+                      order: Sequence[str]) -> pb.ModelInferResponse:
+    """PROBABILITIES FP32 [N, labels] and LABEL BYTES [N], each image's most probable label."""
+    return _tensors_response(model_name, request_id, {
+        PROBABILITIES: lambda: _float32_output(PROBABILITIES, probabilities),
+        LABEL: lambda: _bytes_output(LABEL, [labels[i].encode("utf-8") for i in np.argmax(probabilities, axis=1)]),
+    }, order)
+
+
+def encoder_metadata(model_name: str, embedding_dim: int) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=model_name, versions=[MODEL_VERSION], platform=PLATFORM,
+        inputs=[tensor(name=TEXT, datatype="BYTES", shape=[-1])],
+        outputs=[tensor(name=EMBEDDINGS, datatype="FP32", shape=[-1, embedding_dim])],
+    )
+
+
+def classifier_metadata(model_name: str, n_labels: int) -> pb.ModelMetadataResponse:
+    """IMAGE or PIXELS (send one); PIXELS of any height, width and 1 or 3 channels: the server resizes."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=model_name, versions=[MODEL_VERSION], platform=PLATFORM,
+        inputs=[tensor(name=IMAGE, datatype="BYTES", shape=[-1]),
+                tensor(name=PIXELS, datatype="UINT8", shape=[-1, -1, -1, -1])],
+        outputs=[tensor(name=PROBABILITIES, datatype="FP32", shape=[-1, n_labels]),
+                 tensor(name=LABEL, datatype="BYTES", shape=[-1])],
+    )

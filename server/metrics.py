@@ -13,6 +13,12 @@ Families that count requests (finished, rejected, their tokens and latencies)
 carry a `protocol` label: the front the request came through, as the front set
 GenerationRequest.protocol ("grpc", "http", ...). Engine-wide state (steps,
 slots, the queue) has none: every front shares one engine.
+
+Encoders and image classifiers (server/encoders.py's BatchedModel, one batch
+thread each) report to the same object as a BatchObserver: their `attnserve_batch_*`
+families exist once the first such model is added (add_batched_model), each
+model's series at zero from then on, and `attnserve_model_info` has one series
+per served model of any kind.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest, make_wsgi_app)
 
 from server.api_keys import ACCEPTED, OUTCOMES
-from server.contract import ModelCard
+from server.contract import KIND_DECODER, KIND_ENCODER, KIND_IMAGE_CLASSIFIER, ModelCard
+from server.encoders import BatchObserver
 from server.engine import EngineObserver, RequestReport, StepReport
 
 # Buckets (upper bounds), chosen for this workload; docs/metrics.md gives the reasoning.
@@ -45,23 +52,32 @@ REQUEST_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 STEP_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5)
 # Token counts per request or per step: powers of two up to the longest context served.
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Texts or images per request and per batch run: powers of two up to the largest --max-inputs-per-request
+# worth allowing; a run holds at most --max-batch of them (32 by default).
+INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# One batch run of an encoder or classifier: a tiny test model takes a fraction of a millisecond; 32 texts of
+# 256 tokens through all-MiniLM-L6-v2 are about 0.2 TFLOP (24 MFLOP a token), seconds on one CPU thread.
+BATCH_RUN_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10)
 
 # A handler cancelled this close to its call's deadline was cancelled by that deadline (see final_code).
 DEADLINE_SLACK_SECONDS = 0.1
 
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")  # error = failed inside the engine
+# What a batched model's request asks for, by the model's kind, and how such a request can end.
+BATCH_REQUEST_KINDS = {KIND_ENCODER: "embed", KIND_IMAGE_CLASSIFIER: "classify"}
+BATCH_OUTCOMES = ("ok", "error", "rejected")  # rejected = refused before queueing (queue full, draining)
 REJECTION_REASONS = ("queue_full", "draining")
 # The fronts every server has series for from the start; a front of another name calls add_protocol().
 PROTOCOLS = ("grpc", "http")
 # The HTTP API's routes (server/http_api.py); anything else counts as "other".
-HTTP_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/health",
-               "/metrics")
+HTTP_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
+               "/detokenize", "/health", "/metrics")
 # The status codes attnserve's own handlers end with (server/errors.py, client cancellation, deadlines, bugs).
-GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+GRPC_CODES_RETURNED = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED",
                        "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")
 
 
-class Metrics(EngineObserver):
+class Metrics(EngineObserver, BatchObserver):
     def __init__(self, card: ModelCard, provider: str, version: str, kv_slots: int, slot_capacity: int,
                  max_queued_requests: int, protocols: tuple[str, ...] = PROTOCOLS):
         self.registry = registry = CollectorRegistry()
@@ -108,19 +124,23 @@ class Metrics(EngineObserver):
         self._kv_slots = kv_slots
         self.kv_tokens_in_use = gauge("attnserve_kv_tokens_in_use", "Tokens held in the KV cache.")
         self.kv_tokens_capacity = gauge("attnserve_kv_tokens_capacity", "Tokens the KV cache can hold.")
-        self.info = Info("attnserve_model", "The model served and how.", registry=registry)
+        self.info = Info("attnserve_model", "Each model served, its kind and how it runs.", m, registry=registry)
 
         grpc_labels = ["grpc_service", "grpc_method", "grpc_type"]
         self.grpc_handled = counter("attnserve_grpc_server_handled_total", "RPCs completed, by method and status code.", grpc_labels + ["grpc_code"])
         self.grpc_seconds = histogram("attnserve_grpc_server_handling_seconds", "RPC handling time, by method.", REQUEST_LATENCY_BUCKETS, grpc_labels)
 
-        self.info.info({"model": card.name, "architecture": card.architecture, "dtype": card.dtype,
-                        "execution_provider": provider, "version": version})
+        self.version = version
+        self.info.labels(card.name).info({"kind": KIND_DECODER, "architecture": card.architecture,
+                                          "dtype": card.dtype, "execution_provider": provider, "version": version})
         self.slots_capacity.labels(self.model).set(kv_slots)
         self.kv_tokens_capacity.labels(self.model).set(kv_slots * slot_capacity)
         self.waiting_capacity.labels(self.model).set(max_queued_requests)
         for g in (self.running, self.waiting, self.slots_in_use, self.kv_tokens_in_use, self.kv_cache_usage):
             g.labels(self.model).set(0)
+        self._protocols: list[str] = []
+        self._batch: Optional[_BatchFamilies] = None  # made with the first batched model
+        self._batched: dict[str, str] = {}  # batched model -> the kind of request it answers
         for protocol in protocols:
             self.add_protocol(protocol)
         self.step_failures.labels(self.model)
@@ -137,6 +157,25 @@ class Metrics(EngineObserver):
             self.rejected.labels(self.model, protocol, reason)
         self.prompt_tokens.labels(self.model, protocol)
         self.generated_tokens.labels(self.model, protocol)
+        if protocol not in self._protocols:
+            self._protocols.append(protocol)
+        for model, request_kind in self._batched.items():
+            self._batch.add_protocol(model, protocol, request_kind)
+
+    def add_batched_model(self, name: str, kind: str, dtype: str, execution_provider: str,
+                          queued_inputs: Optional[Callable[[], int]] = None) -> None:
+        """An encoder's or image classifier's series, at zero for every front; `queued_inputs` (read at each
+        scrape) says how many of its texts or images are accepted and not yet answered."""
+        if kind not in BATCH_REQUEST_KINDS:
+            raise ValueError(f"a batched model's kind is {' or '.join(BATCH_REQUEST_KINDS)}, got {kind!r}")
+        if self._batch is None:
+            self._batch = _BatchFamilies(self.registry)
+        self.info.labels(name).info({"kind": kind, "architecture": "transformer", "dtype": dtype,
+                                     "execution_provider": execution_provider, "version": self.version})
+        self._batched[name] = BATCH_REQUEST_KINDS[kind]
+        self._batch.add_model(name, kind, queued_inputs)
+        for protocol in self._protocols:
+            self._batch.add_protocol(name, protocol, self._batched[name])
 
     def serve(self, host: str, port: int, ssl_context: Optional[ssl.SSLContext] = None,
               check_api_key: Optional[Callable[[Optional[str]], str]] = None) -> int:
@@ -232,10 +271,75 @@ class Metrics(EngineObserver):
     def on_step_failed(self, error: BaseException) -> None:
         self.step_failures.labels(self.model).inc()
 
+    # ---- BatchObserver (server/encoders.py), from a batch thread or the event loop -------------
+
+    def on_batch(self, model: str, inputs: int, padded_tokens: int, seconds: float) -> None:
+        batch = self._families(model)
+        batch.run_inputs.labels(model).observe(inputs)
+        batch.run_duration.labels(model).observe(seconds)
+        if padded_tokens:  # images have no tokens: their runs would only pile up zeros
+            batch.run_padded_tokens.labels(model).observe(padded_tokens)
+
+    def on_request(self, model: str, protocol: str, kind: str, inputs: int, seconds: float, outcome: str) -> None:
+        batch = self._families(model)
+        batch.requests.labels(model, protocol, kind, outcome).inc()
+        if outcome != "rejected":  # refused at once: neither a latency nor a size worth a bucket
+            batch.request_duration.labels(model, protocol, kind).observe(seconds)
+            batch.request_inputs.labels(model, protocol, kind).observe(inputs)
+
+    def _families(self, model: str) -> "_BatchFamilies":
+        if self._batch is None:
+            raise RuntimeError(f"batched model {model!r} reports before add_batched_model() named it")
+        return self._batch
+
     # ---- gRPC ------------------------------------------------------------------------------
 
     def grpc_interceptor(self) -> grpc.aio.ServerInterceptor:
         return _MetricsInterceptor(self)
+
+
+class _BatchFamilies:
+    """The families of the batched models (encoders, image classifiers), in the server's registry.
+
+    Per request: model, protocol and `kind` (embed or classify); per batch run and queue: model alone,
+    since one run mixes the requests of every front.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        request = ["model", "protocol", "kind"]
+        self.requests = Counter("attnserve_batch_requests_total", "Requests to encoders and image classifiers, by "
+                                "protocol, kind (embed, classify) and outcome (ok, error, rejected).",
+                                request + ["outcome"], registry=registry)
+        self.request_duration = Histogram("attnserve_batch_request_duration_seconds", "A request to an encoder or "
+                                          "image classifier, from reaching the model to its answer.", request,
+                                          buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+        self.request_inputs = Histogram("attnserve_batch_request_inputs", "Texts or images per request.", request,
+                                        buckets=INPUT_BUCKETS, registry=registry)
+        self.run_inputs = Histogram("attnserve_batch_run_inputs", "Texts or images in one batch run.", ["model"],
+                                    buckets=INPUT_BUCKETS, registry=registry)
+        self.run_padded_tokens = Histogram("attnserve_batch_run_padded_tokens", "Tokens an encoder computes in one "
+                                           "batch run, padding included (inputs x longest).", ["model"],
+                                           buckets=TOKEN_BUCKETS, registry=registry)
+        self.run_duration = Histogram("attnserve_batch_run_duration_seconds", "One batch run: padding the batch "
+                                      "and the onnxruntime call.", ["model"],
+                                      buckets=BATCH_RUN_BUCKETS, registry=registry)
+        self.queue_inputs = Gauge("attnserve_batch_queue_inputs", "Texts or images accepted and not yet answered.",
+                                  ["model"], registry=registry)
+
+    def add_model(self, model: str, kind: str, queued_inputs: Optional[Callable[[], int]]) -> None:
+        self.run_inputs.labels(model)
+        self.run_duration.labels(model)
+        if kind == KIND_ENCODER:  # an image classifier's runs have no tokens
+            self.run_padded_tokens.labels(model)
+        queue = self.queue_inputs.labels(model)
+        if queued_inputs is not None:
+            queue.set_function(queued_inputs)
+
+    def add_protocol(self, model: str, protocol: str, request_kind: str) -> None:
+        for outcome in BATCH_OUTCOMES:
+            self.requests.labels(model, protocol, request_kind, outcome)
+        self.request_duration.labels(model, protocol, request_kind)
+        self.request_inputs.labels(model, protocol, request_kind)
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

@@ -8,15 +8,18 @@ field's JSON type, a negative where gRPC's field is unsigned, a seed beyond
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
 from server.errors import InvalidRequestError
 from server.http_errors import ModelNotFoundError
-from server.types import FinishReason, GenerationUpdate, RequestFields, TokenLogprob
+from server.types import EmbedResult, FinishReason, GenerationUpdate, RequestFields, TokenLogprob
 
 # Every field the HTTP API reads; any other is ignored (docs/openai.md lists them too).
 COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
@@ -341,3 +344,72 @@ def models(served_name: str, created: int, max_model_len: int) -> dict:
 def model_card(served_name: str, created: int, max_model_len: int) -> dict:
     return {"id": served_name, "object": "model", "created": created, "owned_by": "attnserve",
             "max_model_len": max_model_len}
+
+
+# ---- embeddings ---------------------------------------------------------------------------------
+
+# The fields POST /v1/embeddings reads. `truncate` is attnserve's (as text-embeddings-inference has it): cut
+# texts longer than the encoder reads instead of refusing them.
+EMBEDDING_FIELDS = ("model", "input", "encoding_format", "dimensions", "user", "truncate")
+ENCODING_FORMATS = ("float", "base64")  # base64: the float32 little-endian bytes, what the openai SDK asks for
+_EMBEDDING_INPUT_NAMES = {"texts": "input"}  # server/encoders.py's name for what this API calls `input`
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: str  # empty: the only encoder served
+    texts: list[str]
+    encoding_format: str
+    truncate: bool
+    dimensions: Optional[int]  # None: the model's own
+
+
+def embedding_request(body: dict) -> EmbeddingRequest:
+    """What a POST /v1/embeddings body asks for; counts and lengths are the encoder's to check."""
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise InvalidRequestError("model", f"must be a string (an encoder's name), got {json.dumps(model)[:60]}")
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        texts = [inputs]
+    elif isinstance(inputs, list) and all(isinstance(t, str) for t in inputs):
+        texts = inputs
+    elif isinstance(inputs, list) and (_token_ids(inputs) is not None or all(_token_ids(t) for t in inputs)):
+        raise InvalidRequestError("input", "holds token ids; this server embeds text: send a string or a list of "
+                                           "strings")
+    else:
+        raise InvalidRequestError("input", f"must be a string or a list of strings, got {json.dumps(inputs)[:60]}")
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ENCODING_FORMATS:
+        raise InvalidRequestError("encoding_format", f"is {json.dumps(encoding_format)[:40]}; it must be "
+                                                     f"{' or '.join(ENCODING_FORMATS)}")
+    return EmbeddingRequest(model, texts, encoding_format, _bool(body, "truncate"), _int(body, "dimensions", 1))
+
+
+def check_dimensions(wanted: EmbeddingRequest, embedding_dim: int) -> None:
+    """The encoder's vectors have one size: `dimensions` may only repeat it (there is no shortening them)."""
+    if wanted.dimensions is not None and wanted.dimensions != embedding_dim:
+        raise InvalidRequestError("dimensions", f"is {wanted.dimensions}; model {wanted.model or 'served'}'s "
+                                                f"embeddings have {embedding_dim} dimensions, the only size it makes")
+
+
+def embedding_error(error: InvalidRequestError) -> InvalidRequestError:
+    """An encoder's own check in this API's names: `texts[2]` -> `input[2]`, `texts` -> `input`."""
+    head, bracket, rest = error.field.partition("[")
+    if head not in _EMBEDDING_INPUT_NAMES:
+        return error
+    return InvalidRequestError(_EMBEDDING_INPUT_NAMES[head] + bracket + rest, str(error)[len(error.field) + 2:])
+
+
+def embedding_response(model: str, result: EmbedResult, encoding_format: str) -> dict:
+    """OpenAI's embedding list; `usage.prompt_tokens` counts the encoder's tokens, special tokens included."""
+    def encoded(vector: np.ndarray):
+        if encoding_format == "base64":
+            return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        return vector.tolist()
+
+    tokens = int(sum(result.token_counts))
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(vector)}
+                     for i, vector in enumerate(result.vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

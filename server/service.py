@@ -14,6 +14,10 @@ it: it pauses the request once `backlog()` reaches --stream-buffer-tokens,
 the handler takes everything pending as one message when it can, and a
 request whose output nobody takes for --stream-stall-timeout-seconds is
 cancelled, so a stalled client holds neither a KV slot nor unbounded memory.
+
+Embed and Classify go to the encoders and image classifiers the registry
+(server/models.py) names; each batches on a thread of its own
+(server/encoders.py), and images are decoded off the event loop.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from attnserve.v1 import generation_pb2 as pb
-from server import convert
+from server import convert, encoder_convert
+from server.contract import KIND_DECODER, KIND_ENCODER, KIND_IMAGE_CLASSIFIER
 from server.engine import Engine
 from server.errors import AttnserveError, FailedPreconditionError, InvalidRequestError, to_status
 from server.inspection import Inspection
+from server.models import DecoderModel, ServedModels
 from server.prompts import PromptCodec
 from server.types import GenerationRequest, GenerationUpdate, ServedModel
 from server.validation import Limits
@@ -39,6 +45,7 @@ from server.validation import Limits
 log = logging.getLogger("attnserve.service")
 SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["Generation"]
 SERVICE_NAME = SERVICE_DESCRIPTOR.full_name
+PROTOCOL = "grpc"  # the `protocol` this front reports its Embed and Classify calls under
 
 
 class Undecodable:
@@ -55,6 +62,13 @@ def safe_parser(message_type):
         except (DecodeError, UnicodeDecodeError, ValueError) as e:
             return Undecodable(e)
     return parse
+
+
+def decoded(message, kind: str):
+    """The message, or INVALID_ARGUMENT for one that did not parse."""
+    if isinstance(message, Undecodable):
+        raise InvalidRequestError("request", f"is not a valid {kind} ({message.error})")
+    return message
 
 
 def unary_handler(method, request_type, response_type) -> grpc.RpcMethodHandler:
@@ -194,12 +208,16 @@ class OutputStream:
 
 class GenerationService:
     def __init__(self, engine: Engine, codec: PromptCodec, limits: Limits, served: ServedModel,
-                 stall_timeout_seconds: float = 30.0, inspection: Optional[Inspection] = None):
+                 stall_timeout_seconds: float = 30.0, inspection: Optional[Inspection] = None,
+                 models: Optional[ServedModels] = None):
         self.engine = engine
         self.codec = codec
         self.limits = limits
         self.inspection = inspection  # InspectAttention, on its own session and thread (server/inspection.py)
-        self.model_info = convert.model_info(served, inspection)
+        # Every model of this server by name; without one given, the decoder alone.
+        self.models = models if models is not None else ServedModels(DecoderModel(served.name, engine.card))
+        self.version = served.version
+        self.model_info = convert.model_info(served, inspection, self.models.names)
         self.stall_timeout_seconds = stall_timeout_seconds
         self._loop_mailbox: Optional[LoopMailbox] = None
 
@@ -211,8 +229,9 @@ class GenerationService:
         return self._loop_mailbox
 
     def _request(self, message, context) -> GenerationRequest:
-        if isinstance(message, Undecodable):
-            raise InvalidRequestError("request", f"is not a valid GenerateRequest ({message.error})")
+        decoded(message, "GenerateRequest")
+        if message.model:
+            self.models.resolve(message.model, KIND_DECODER)
         self.engine.check_capacity()  # a burst must not pay to tokenize what it cannot run
         return convert.request_from_proto(message, self.codec, self.limits, context.time_remaining())
 
@@ -257,19 +276,44 @@ class GenerationService:
                 yield convert.stream_response(request.request_id, update)
 
     async def GetModelInfo(self, message, context) -> pb.ModelInfo:
-        return self.model_info
+        async with errors_to_status(context):
+            name = decoded(message, "GetModelInfoRequest").name
+            model = self.models.get(name) if name else self.models.default()
+            if model.kind == KIND_DECODER:
+                return self.model_info
+            return encoder_convert.model_info(model, self.models.names, self.version, self.models.image_limits)
+
+    async def Embed(self, message, context) -> bytes:
+        async with errors_to_status(context):
+            message = decoded(message, "EmbedRequest")
+            model = self.models.resolve(message.model, KIND_ENCODER)
+            result = await model.embed(list(message.texts), message.truncate, PROTOCOL)
+            return encoder_convert.embed_response(model.name, result)
+
+    async def Classify(self, message, context) -> pb.ClassifyResponse:
+        async with errors_to_status(context):
+            message = decoded(message, "ClassifyRequest")
+            model = self.models.resolve(message.model, KIND_IMAGE_CLASSIFIER)
+            if message.texts:
+                raise InvalidRequestError("texts", f"model {model.name} classifies images; no text classifier is "
+                                                   "served")
+            encoder_convert.check_image_count(len(message.images), model.settings.max_inputs_per_request)
+            model.check_capacity(len(message.images), PROTOCOL)  # a burst must not pay to decode what it cannot run
+            # Decoding megabytes of PNG takes milliseconds: off the event loop (Pillow releases the GIL).
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                None, encoder_convert.images_from_proto, message, self.models.image_limits)
+            probabilities = await model.classify(pixels, PROTOCOL)
+            return encoder_convert.classify_response(model.name, model.card.labels, probabilities, message.top_k)
 
     async def Tokenize(self, message, context) -> pb.TokenizeResponse:
         async with errors_to_status(context):
-            if isinstance(message, Undecodable):
-                raise InvalidRequestError("request", f"is not a valid TokenizeRequest ({message.error})")
+            decoded(message, "TokenizeRequest")
             ids = convert.prompt_ids(message, self.codec, self.limits)
             return convert.tokenize_response(ids, self.codec.token_strings(ids))
 
     async def InspectAttention(self, message, context) -> bytes:
         async with errors_to_status(context):
-            if isinstance(message, Undecodable):
-                raise InvalidRequestError("request", f"is not a valid InspectAttentionRequest ({message.error})")
+            decoded(message, "InspectAttentionRequest")
             if self.inspection is None:
                 raise FailedPreconditionError("this server was started without InspectAttention")
             self.inspection.check_available()
@@ -287,6 +331,10 @@ class GenerationService:
                 response_serializer=pb.GenerateStreamResponse.SerializeToString),
             "GetModelInfo": unary(self.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
             "Tokenize": unary(self.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+            # Answered already serialized, straight from the float32 vectors (encoder_convert.embed_response).
+            "Embed": grpc.unary_unary_rpc_method_handler(
+                self.Embed, request_deserializer=safe_parser(pb.EmbedRequest), response_serializer=bytes),
+            "Classify": unary(self.Classify, pb.ClassifyRequest, pb.ClassifyResponse),
             # Answered already serialized (tens of MB), on the inspection thread rather than on the event loop.
             "InspectAttention": grpc.unary_unary_rpc_method_handler(
                 self.InspectAttention, request_deserializer=safe_parser(pb.InspectAttentionRequest),

@@ -5,6 +5,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
+from server.contract import KIND_DECODER
+
 
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached, or the slot's capacity
@@ -108,3 +112,12 @@ class ServedModel:
     max_stop_string_length: int
     max_logprobs: int
     version: str  # attnserve's
+    kind: str = KIND_DECODER
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """An encoder's answer to one call: a vector per text, in the order of the texts."""
+
+    vectors: np.ndarray  # float32 [N, D]
+    token_counts: list[int]  # tokens each text became, special tokens included, after any truncation

@@ -88,6 +88,22 @@ def test_fp16_model_dir(tmp_path_factory, test_checkpoint) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def test_encoder_dir(tmp_path_factory) -> Path:
+    """The `test-encoder` preset (a tiny BERT-style sentence encoder), random seeded weights, exported once."""
+    from export.encoders import build_test_encoder_dir
+
+    return build_test_encoder_dir(tmp_path_factory.mktemp("test-encoder-dir") / "test-encoder", seed=0)
+
+
+@pytest.fixture(scope="session")
+def test_classifier_dir(tmp_path_factory) -> Path:
+    """The `vit-digits` preset trained briefly (20 steps: well above chance, far from its full accuracy), exported."""
+    from export.encoders import build_test_classifier_dir
+
+    return build_test_classifier_dir(tmp_path_factory.mktemp("test-classifier-dir") / "vit-digits", seed=0, steps=20)
+
+
 # The Hugging Face libraries' offline switch, for what reads SmolLM2 and tiny references from local files:
 # transformers then never asks the Hub (there is no network here, and a request would wait for a timeout).
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1"}

@@ -6,7 +6,9 @@ and runs every query below against a real Prometheus.
 
 Latency quantiles read the bucket rates that the PrometheusRule records
 (deploy/k8s/base/prometheusrule.yaml); rates of counters use Grafana's
-$__rate_interval. Every query is filtered by the $model variable.
+$__rate_interval. Every query is filtered by the $model variable, which lists
+every model served (attnserve_model_info has a series per model: the decoder,
+encoders and image classifiers).
 """
 from __future__ import annotations
 
@@ -30,6 +32,13 @@ def quantile_targets(recorded_buckets: str) -> list[dict]:
     return [target(f"histogram_quantile({q}, sum by (model, le) ({recorded_buckets}{{{MODEL}}}))",
                    f"p{round(q * 100)} {{{{model}}}}", ref)
             for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))]
+
+
+def rate_quantile_targets(buckets: str) -> list[dict]:
+    """p50 and p99 per model from a histogram's own bucket rates, for the families no recording rule covers."""
+    return [target(f"histogram_quantile({q}, sum by (model, le) (rate({buckets}{{{MODEL}}}[$__rate_interval])))",
+                   f"p{round(q * 100)} {{{{model}}}}", ref)
+            for q, ref in ((0.5, "A"), (0.99, "B"))]
 
 
 class Layout:
@@ -178,6 +187,41 @@ def panels() -> list[dict]:
         timeseries("Queue time", "Arrival to getting a KV slot.",
                    quantile_targets("model_le:attnserve_queue_time_seconds_bucket:rate5m"), "s"),
     ], height=8)
+
+    layout.row("Encoders and image classifiers")
+    layout.add([
+        timeseries("Batched requests per second", "Embed and Classify requests (any front) answered, by model; "
+                   "errors and refusals (queue full, draining) drawn apart.", [
+            target(f'sum by (model) (rate(attnserve_batch_requests_total{{{MODEL},outcome="ok"}}[$__rate_interval]))',
+                   "{{model}}", "A"),
+            target(f'sum by (model, outcome) (rate(attnserve_batch_requests_total{{{MODEL},outcome!="ok"}}'
+                   f'[$__rate_interval]))', "{{outcome}} {{model}}", "B"),
+        ], "reqps"),
+        timeseries("Batched request latency", "Reaching the model to its answer, p50 and p99 by model: "
+                   "tokenizing or resizing, the batch window, the wait for a run, the run itself.",
+                   rate_quantile_targets("attnserve_batch_request_duration_seconds_bucket"), "s"),
+        timeseries("Inputs per batch run", "Mean texts or images per onnxruntime call: near 1 under load means "
+                   "the batch window is too short to gather requests.", [
+            target(f"sum by (model) (rate(attnserve_batch_run_inputs_sum{{{MODEL}}}[$__rate_interval])) / "
+                   f"sum by (model) (rate(attnserve_batch_run_inputs_count{{{MODEL}}}[$__rate_interval]))",
+                   "mean {{model}}", "A"),
+        ], "short"),
+    ], height=8)
+    layout.add([
+        timeseries("Inputs waiting", "Texts or images accepted and not yet answered, by model; past its limit "
+                   "(GetModelInfo's max_queued_inputs) new requests get RESOURCE_EXHAUSTED.", [
+            target(f"sum by (model) (attnserve_batch_queue_inputs{{{MODEL}}})", "{{model}}", "A"),
+        ], "short"),
+        timeseries("Batch run duration", "One run, p50 and p99 by model: padding the batch and the onnxruntime "
+                   "call.",
+                   rate_quantile_targets("attnserve_batch_run_duration_seconds_bucket"), "s"),
+        timeseries("Padded tokens per encoder run", "Mean tokens an encoder computes per run, padding included "
+                   "(inputs x the longest): far above the inputs' own tokens means mixed lengths waste work.", [
+            target(f"sum by (model) (rate(attnserve_batch_run_padded_tokens_sum{{{MODEL}}}[$__rate_interval])) / "
+                   f"sum by (model) (rate(attnserve_batch_run_padded_tokens_count{{{MODEL}}}[$__rate_interval]))",
+                   "mean {{model}}", "A"),
+        ], "short"),
+    ], height=8)
     return layout.panels
 
 
@@ -185,7 +229,8 @@ def dashboard() -> dict:
     return {
         "title": "attnserve",
         "uid": "attnserve",
-        "description": "attnserve: latency, traffic, errors and engine state (docs/metrics.md).",
+        "description": "attnserve: latency, traffic, errors and engine state, and the batched encoders and "
+                       "image classifiers (docs/metrics.md).",
         "tags": ["attnserve", "llm", "grpc", "openai"],
         "editable": True,
         "graphTooltip": 1,

@@ -4,6 +4,7 @@ prometheus-adapter rule must return data through Prometheus' HTTP API.
 
     attnserve (test model, port 0) ◄── scrape every 1 s ── prometheus (127.0.0.1, tmp storage, rules)
         ▲ a few dozen requests: OK, INVALID_ARGUMENT, cancelled          ▲ /api/v1/query per expression
+        and Embed and Classify calls to a test encoder and image classifier served beside the decoder
 
 A panel that would show "No data" fails here: an empty result, or only NaN (a quantile of no
 observations), is a failure. Template variables get what Grafana would put there.
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.slow
 SCRAPE_LABELS = {"namespace": "attnserve-test", "pod": "attnserve-test-0"}  # what a ServiceMonitor target carries
 RATE_INTERVAL = "1m"  # Grafana's $__rate_interval for a 15 s scrape: max(4 x 15 s, interval + 15 s)
 GENERATION_CALLS_OK, INVALID_CALLS, CANCELLED_STREAMS = 24, 4, 3
+EMBED_CALLS, CLASSIFY_CALLS = 6, 3
 
 
 class Prometheus:
@@ -106,7 +108,7 @@ class Load:
     prompt_tokens_submitted: int = 0  # prompts that reached the engine (OK and cancelled)
 
 
-def send_load(server: ServerProcess) -> Load:
+def send_load(server: ServerProcess, encoder: str, classifier: str) -> Load:
     """Three waves a second apart, so the scrapes see the counters move: bounded in count and time."""
     stub = server.stub()
     load = Load()
@@ -129,6 +131,19 @@ def send_load(server: ServerProcess) -> Load:
             stub.Generate(build_request(prompt_token_ids=[5, 6], max_new_tokens=5000 + i), timeout=10)
         return "Generate", info.value.code(), 0
 
+    def embed(i):
+        texts = ["word"] * (1 + i % 3) if i < EMBED_CALLS - 1 else ["word " * 400]  # the last: too long, refused
+        try:
+            stub.Embed(pb.EmbedRequest(model=encoder, texts=texts), timeout=30)
+            return "Embed", "OK", 0
+        except grpc.RpcError as error:
+            return "Embed", error.code(), 0
+
+    def classify(i):
+        image = pb.Image(raw=pb.RawImage(data=bytes([i * 40]) * 64, height=8, width=8, channels=1))
+        stub.Classify(pb.ClassifyRequest(model=classifier, images=[image] * (1 + i)), timeout=30)
+        return "Classify", "OK", 0
+
     def cancelled(i):
         prompt = [11] * (8 + i)
         call = stub.GenerateStream(build_request(prompt_token_ids=prompt, max_new_tokens=400, ignore_eos=True), timeout=60)
@@ -138,6 +153,7 @@ def send_load(server: ServerProcess) -> Load:
 
     calls = [(unary, i) for i in range(16)] + [(streamed, i) for i in range(8)]
     calls += [(invalid, i) for i in range(INVALID_CALLS)] + [(cancelled, i) for i in range(CANCELLED_STREAMS)]
+    calls += [(embed, i) for i in range(EMBED_CALLS)] + [(classify, i) for i in range(CLASSIFY_CALLS)]
     waves = [calls[i::3] for i in range(3)]
     stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -145,6 +161,8 @@ def send_load(server: ServerProcess) -> Load:
             for method, outcome, prompt_tokens in pool.map(lambda call: call[0](call[1]), wave):
                 if isinstance(outcome, grpc.StatusCode):
                     count(method, outcome.name)
+                elif outcome == "OK":  # an Embed or Classify call
+                    count(method, outcome)
                 else:
                     count(method, "OK")
                     load.ok_usages.append(outcome)
@@ -159,18 +177,21 @@ class Observed:
     server: ServerProcess
     load: Load
     model: str
+    models: list[str]  # every model served: the decoder, the encoder, the image classifier
 
 
 @pytest.fixture(scope="module")
-def observed(test_model_dir, rules_dir, tmp_path_factory):
-    server = ServerProcess(test_model_dir, "--kv-slots", "4", "--max-seq-len", "1024",
+def observed(test_model_dir, test_encoder_dir, test_classifier_dir, rules_dir, tmp_path_factory):
+    encoder, classifier = (json.loads((d / "attnserve.json").read_text())["name"] for d in (test_encoder_dir, test_classifier_dir))
+    server = ServerProcess(test_model_dir, "--model", str(test_encoder_dir), "--model", str(test_classifier_dir),
+                           "--kv-slots", "4", "--max-seq-len", "1024",
                            "--prefill-chunk-tokens", "64", "--max-queued-requests", "32")
     prometheus = None
     try:
         prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), server.metrics_port,
                                 rules_dir / "attnserve.rules.yaml")
         prometheus.wait_until("a first scrape", lambda: prometheus.value('up{job="attnserve"}') == 1)
-        load = send_load(server)
+        load = send_load(server, encoder, classifier)
         model = ModelCard.load(test_model_dir).name
         finished = server.wait_for_metric("attnserve_requests_finished_total", GENERATION_CALLS_OK + CANCELLED_STREAMS)
         handled = server.metric("attnserve_grpc_server_handled_total", 'grpc_service="attnserve.v1.Generation"')
@@ -180,16 +201,18 @@ def observed(test_model_dir, rules_dir, tmp_path_factory):
         recorded = [r["record"] for g in load_rules_spec()["groups"] for r in g["rules"] if "record" in r]
         prometheus.wait_until("every recording rule's series",
                               lambda: all(prometheus.query(name) for name in recorded))
-        yield Observed(prometheus, server, load, model)
+        yield Observed(prometheus, server, load, model, [model, encoder, classifier])
     finally:
         if prometheus is not None:
             prometheus.stop()
         server.stop()
 
 
-def grafana_substitute(expr: str, model: str) -> str:
-    """What Grafana sends for the dashboard's variables: the selected model, its $__rate_interval."""
-    expr = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$model", re.escape(model))
+def grafana_substitute(expr: str, models: list[str]) -> str:
+    """What Grafana sends for the dashboard's variables: the selected models (every one), its $__rate_interval."""
+    # Each name regex-escaped, its backslashes doubled inside the PromQL string (`test\\-encoder`), as Grafana does.
+    selected = "(" + "|".join(re.escape(model).replace("\\", "\\\\") for model in models) + ")"
+    expr = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$model", selected)
     assert "$" not in expr, f"an unsubstituted variable in {expr}"
     return expr
 
@@ -237,17 +260,17 @@ def test_every_dashboard_query_returns_data(observed):
     targets = dashboard_targets(load_dashboard())
     empty = []
     for title, target in targets:
-        expr = grafana_substitute(target["expr"], observed.model)
+        expr = grafana_substitute(target["expr"], observed.models)
         if not has_data(observed.prometheus.query(expr)):
             empty.append(f"{title}: {expr}")
     print(f"{len(targets)} dashboard queries, {len(targets) - len(empty)} with data")
     assert not empty, "panels with no data:\n" + "\n".join(empty)
 
 
-def test_the_dashboards_model_variable_lists_the_served_model(observed):
+def test_the_dashboards_model_variable_lists_every_served_model(observed):
     (variable,) = [v for v in load_dashboard()["templating"]["list"] if v["name"] == "model"]
     metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"]).groups()
-    assert observed.model in observed.prometheus.api(f"label/{label}/values", **{"match[]": metric})
+    assert set(observed.models) <= set(observed.prometheus.api(f"label/{label}/values", **{"match[]": metric}))
 
 
 def test_every_recording_and_alert_rule_returns_data(observed):
@@ -287,7 +310,11 @@ def test_prometheus_sees_the_counts_the_clients_saw(observed):
         'sum by (grpc_method, grpc_code) (attnserve_grpc_server_handled_total{grpc_service="attnserve.v1.Generation"})')}
     seen = {key: value for key, value in by_code.items() if value}
     assert seen == {**load.codes, ("GetModelInfo", "OK"): 1}
-    assert sum(load.codes.values()) == GENERATION_CALLS_OK + INVALID_CALLS + CANCELLED_STREAMS
+    generation = sum(n for (method, _), n in load.codes.items() if method.startswith("Generate"))
+    assert generation == GENERATION_CALLS_OK + INVALID_CALLS + CANCELLED_STREAMS
+    assert load.codes[("Embed", "OK")] == EMBED_CALLS - 1 and load.codes[("Embed", "INVALID_ARGUMENT")] == 1
+    assert prometheus.value('sum(attnserve_batch_requests_total{outcome="ok"})') == EMBED_CALLS - 1 + CLASSIFY_CALLS
+    assert prometheus.value('sum(attnserve_batch_requests_total{outcome="error"})') == 1
     assert prometheus.value("sum(attnserve_prompt_tokens_total)") == load.prompt_tokens_submitted
     generated_ok = sum(u.completion_tokens for u in load.ok_usages)
     assert prometheus.value("sum(attnserve_generated_tokens_total)") >= generated_ok + CANCELLED_STREAMS

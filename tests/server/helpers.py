@@ -149,12 +149,13 @@ class InProcessServer(_Client):
     Metrics are read from the registry (no /metrics port: prometheus_client's HTTP server cannot be shut down).
     """
 
-    def __init__(self, model_dir: Path, startup_timeout: float = 120.0, **settings):
+    def __init__(self, model_dir, startup_timeout: float = 120.0, **settings):
         from server.app import start_server
         from server.config import ServerConfig
 
         settings.setdefault("http_port", 0)  # off unless asked for: its default port is fixed
-        config = ServerConfig(model=Path(model_dir), host="127.0.0.1", port=0, metrics_port=-1, **settings)
+        # One dir, or several: the decoder's, then encoders' and image classifiers'.
+        config = ServerConfig(model=model_dir, host="127.0.0.1", port=0, metrics_port=-1, **settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="in-process-server", daemon=True)
         self._thread.start()
@@ -165,6 +166,7 @@ class InProcessServer(_Client):
             raise
         self.port = self.server.port
         self.engine = self.server.engine
+        self.models = self.server.models  # every model served (server/models.py)
 
     def run(self, coroutine, timeout: float = 60.0):
         """Run a coroutine on the server's loop and return its result."""

@@ -7,10 +7,13 @@ run this script, which imports only tritonclient, with a JSON list of calls, and
     python tests/server/kserve_tritonclient.py TARGET '[{"op": "infer", "model": "test", "text": "hi", ...}]'
 
 Ops: live, ready, model_ready, server_metadata, model_metadata, infer, stream, descriptors. A call that
-raises answers {"error": {"status": "StatusCode.INVALID_ARGUMENT", "message": ...}}.
+raises answers {"error": {"status": "StatusCode.INVALID_ARGUMENT", "message": ...}}. An infer's result lists
+every output tensor the server sent, in its order ("outputs": [{"name", "datatype", "shape", "value"}]); a
+BYTES input takes its elements as text ("value") or as base64 ("base64", e.g. PNG files).
 """
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import sys
@@ -25,7 +28,9 @@ def _inputs(call: dict, grpcclient, np_dtype):
              if "text" in call else []) + call.get("inputs", [])
     for spec in specs:
         tensor = grpcclient.InferInput(spec["name"], spec["shape"], spec["datatype"])
-        if spec["datatype"] == "BYTES":
+        if spec["datatype"] == "BYTES" and "base64" in spec:
+            data = np.array([base64.b64decode(v) for v in spec["base64"]], dtype=np.object_)
+        elif spec["datatype"] == "BYTES":
             data = np.array([v.encode() for v in spec["value"]], dtype=np.object_)
         else:
             data = np.array(spec["value"], dtype=np_dtype(spec["datatype"]))
@@ -43,9 +48,15 @@ def _result(result) -> dict:
     parameters = {key: getattr(value, value.WhichOneof("parameter_choice"))
                   for key, value in response.parameters.items()}
     text = result.as_numpy("text_output")
+    outputs = []
+    for output in response.outputs:
+        values = result.as_numpy(output.name)
+        outputs.append({"name": output.name, "datatype": output.datatype, "shape": list(values.shape),
+                        "value": [v.decode() for v in values.reshape(-1)] if output.datatype == "BYTES"
+                        else values.reshape(-1).tolist()})
     return {"id": response.id, "model_name": response.model_name, "model_version": response.model_version,
             "text": None if text is None or text.size == 0 else b"".join(text.reshape(-1)).decode(),
-            "shape": None if text is None else list(text.shape), "parameters": parameters}
+            "shape": None if text is None else list(text.shape), "parameters": parameters, "outputs": outputs}
 
 
 def _stream(client, call: dict, grpcclient, np_dtype) -> dict:

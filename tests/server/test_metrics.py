@@ -79,7 +79,7 @@ def test_capacities_info_and_zeroed_series_exist_at_start():
     assert value(m, "attnserve_prompt_tokens_total") == 0
     assert value(m, "attnserve_generated_tokens_total") == 0
     assert m.registry.get_sample_value("attnserve_model_info", {
-        "model": MODEL, "architecture": "llama", "dtype": "float32",
+        "model": MODEL, "kind": "decoder", "architecture": "llama", "dtype": "float32",
         "execution_provider": "CPUExecutionProvider", "version": "9.9.9"}) == 1
 
 
