@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -93,10 +92,15 @@ def load_checkpoint(ckpt_dir: Path) -> tuple[Transformer, ModelConfig]:
         state = load_file(str(Path(ckpt_dir) / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights {ckpt_dir}/{WEIGHTS} are corrupt ({e}); train or import it again") from None
+    return module_from_state(config, state, ckpt_dir), config
+
+
+def module_from_state(config: ModelConfig, state: dict, ckpt_dir: Path) -> Transformer:
+    """The module of config holding exactly state's weights, in eval mode; a mismatch is a CheckpointError."""
     model = Transformer(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(f"checkpoint weights do not fit the config in {ckpt_dir}: {first}") from None
-    return model.eval(), config
+    return model.eval()

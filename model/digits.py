@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, replace_dir
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, module_from_state, replace_dir
 from model.config import ModelConfig, preset
 from model.transformer import Transformer
 
@@ -230,13 +230,7 @@ def load_classifier_checkpoint(ckpt_dir: Path) -> tuple[Transformer, dict]:
     if missing:
         raise CheckpointError(f"checkpoint {ckpt_dir}/{CONFIG} lacks {', '.join(missing)}: "
                               "it is not an image classifier's")
-    model = Transformer(meta["model"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint weights do not fit the config in {ckpt_dir}: {first}") from None
-    return model.eval(), meta
+    return module_from_state(meta["model"], state, ckpt_dir), meta
 
 
 def plot_curves(path: Path, curves: Curves, title: str) -> None:

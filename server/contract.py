@@ -151,16 +151,7 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelCard":
-        data = json.loads(text)
-        if data.get("format") != CARD_FORMAT:
-            raise ValueError(f"model card format {data.get('format')!r} is not {CARD_FORMAT}; re-export the model dir")
-        known = {f.name for f in dataclasses.fields(cls)}
-        optional = {f.name for f in dataclasses.fields(cls)
-                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-        missing = sorted(known - set(data) - optional)
-        if missing:
-            raise ValueError(f"model card lacks {', '.join(missing)}; re-export the model dir")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _card_from_json(cls, text)
 
     @classmethod
     def load(cls, model_dir) -> "ModelCard":
@@ -170,6 +161,21 @@ class ModelCard:
     def eos_token_ids(self) -> list[int]:
         eos = self.special_tokens.get("eos_token_id")
         return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _card_from_json(cls, text: str):
+    """A card dataclass from attnserve.json's text: the format checked, every required field present;
+    fields this version does not know are ignored (a newer exporter's additions)."""
+    data = json.loads(text)
+    if data.get("format") != CARD_FORMAT:
+        raise ValueError(f"model card format {data.get('format')!r} is not {CARD_FORMAT}; re-export the model dir")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"model card lacks {', '.join(missing)}; re-export the model dir")
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def card_kind(model_dir) -> str:
@@ -221,16 +227,7 @@ class EncoderCard:
 
     @classmethod
     def from_json(cls, text: str) -> "EncoderCard":
-        data = json.loads(text)
-        if data.get("format") != CARD_FORMAT:
-            raise ValueError(f"model card format {data.get('format')!r} is not {CARD_FORMAT}; re-export the model dir")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ValueError(f"model card lacks {', '.join(missing)}; re-export the model dir")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _card_from_json(cls, text)
 
     @classmethod
     def load(cls, model_dir) -> "EncoderCard":

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -29,6 +28,7 @@ from server.errors import InvalidRequestError, to_status
 from server.metrics import Metrics
 from tests.server.helpers import ROOT
 from tests.server.test_kserve import status_of, triton
+from tests.server.test_metrics import documented_metrics
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 ENCODER, CLASSIFIER = "test-encoder", "vit-digits"
@@ -36,7 +36,6 @@ MAX_INPUTS = 6  # --max-inputs-per-request of the server below: small, so the li
 FLAGS = ("--kv-slots", "2", "--max-seq-len", "256", "--max-inputs-per-request", str(MAX_INPUTS),
          "--batch-window-ms", "5")
 TEXTS = ["the cat sat on the mat", "", "a dog", "one two three four five six seven eight nine ten"]
-DOCS = ROOT / "docs" / "metrics.md"
 DASHBOARD = ROOT / "deploy" / "grafana" / "attnserve.json"
 
 
@@ -235,13 +234,7 @@ def test_runs_and_requests_fill_their_histograms_and_rejections_no_latency():
 
 def documented_batch_metrics() -> dict[str, tuple[str, set[str]]]:
     """docs/metrics.md's table of the batched models' families: name -> (type, label names)."""
-    table = DOCS.read_text().split("## Encoders and image classifiers", 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0].startswith("`attnserve_"):
-            rows[cells[0].strip("`")] = (cells[1], set(re.findall(r"`(\w+)`", cells[2])))
-    return rows
+    return documented_metrics("## Encoders and image classifiers")
 
 
 def test_docs_list_exactly_the_batched_families_and_the_dashboard_reads_only_those():

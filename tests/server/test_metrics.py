@@ -216,9 +216,9 @@ def test_names_follow_prometheus_conventions_and_carry_the_model_label():
             assert sample.labels.get("model") == MODEL, sample
 
 
-def documented_metrics() -> dict[str, tuple[str, set[str]]]:
-    """docs/metrics.md's table: name -> (type, label names)."""
-    table = DOCS.read_text().split("## Table", 1)[1].split("\n## ", 1)[0]
+def documented_metrics(section: str = "## Table") -> dict[str, tuple[str, set[str]]]:
+    """The table under one heading of docs/metrics.md: name -> (type, label names)."""
+    table = DOCS.read_text().split(section, 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
