@@ -147,7 +147,6 @@ def dequantized_weights(model_dir: Path) -> dict:
 
     model = onnx.load(str(Path(model_dir) / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
-    split_sizes = {n.input[0]: n.input[1] for n in model.graph.node if n.op_type == "Split"}
 
     def array(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -166,10 +165,8 @@ def dequantized_weights(model_dir: Path) -> dict:
             if len(node.input) > 3 and node.input[3]:
                 zero = int(unpack_codes(array(node.input[3]).reshape(n, -1), bits, 1)[0, 0])
             # A fused node (q, k, v or gate, up; export/graph_passes.py) holds its members' rows in order.
-            members = fused_members(node) or [node.name]
-            sizes = array(split_sizes[node.output[0]]) if len(members) > 1 else [n]
             start = 0
-            for member, size in zip(members, sizes):
+            for member, size in fused_members(node) or [(node.name, n)]:
                 name = member[len(_PREFIX):]
                 offsets = array(f"{_PREFIX}{name}.offsets")
                 weight = BlockWeight(codes[start:start + size], scales[start:start + size], bits, zero,

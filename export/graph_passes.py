@@ -14,7 +14,15 @@ Two patterns of the exported graph pay that cost for nothing:
                       becomes x ─► MatMulNBits([Wq; Wk; Wv]) ─► Split ─► q, k, v: one call reads the same
                       bytes as three (fuse_shared_input_matmuls; also gate and up of the MLP).
 
-Both work on the in-memory ModelProto (weights loaded) and leave every graph output as it was.
+    Packed q, k, v    ... ─► Split ─► q, k, v ─► GroupQueryAttention becomes ... ─► GroupQueryAttention
+                      (its packed-QKV form: the query input holds all three, key and value left empty).
+
+    Residual + norm   Add(x, y) ─► RMSNorm written out (Pow, ReduceMean, Add, Sqrt, Div, Mul), the sum also
+                      read by the next residual Add: onnxruntime fuses the norm but not the Add, whose sum
+                      has two readers. fuse_residual_norms writes one com.microsoft
+                      SkipSimplifiedLayerNormalization, which returns the sum as its fourth output.
+
+All of them work on the in-memory ModelProto (weights loaded) and leave every graph output as it was.
 """
 from __future__ import annotations
 
@@ -26,8 +34,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
-# A fused MatMulNBits' doc_string: this prefix, then the JSON list of the nodes it replaced, in the order
-# of its rows (and of its Split's outputs), so tools can tell the weights apart again (fused_members).
+# A fused projection's doc_string: this prefix, then the JSON list of [name, output columns] of the nodes it
+# replaced, in the order of its columns, so tools can tell the weights apart again (fused_members).
 FUSED_DOC = "fused from: "
 
 
@@ -119,40 +127,62 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
-    """Merge MatMulNBits nodes that read the same input with the same K, bits, block size, accuracy level
-    and zero-point layout into one node plus a Split; returns how many nodes were merged away."""
-    graph = model.graph
-    initializers = {i.name: i for i in graph.initializer}
-    groups: dict[tuple, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
-            continue
+def _fusable(node: onnx.NodeProto, initializers: dict):
+    """(group key, output columns) of a projection this pass can merge with others, or None.
+
+    MatMulNBits: weights, scales and zero points are initializers with a row per output column, and the
+    attributes match. MatMul: a constant 2-D weight [K, N] (float graphs)."""
+    if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
         attrs = _attributes(node)
         if set(attrs) - {"K", "N", "bits", "block_size", "accuracy_level"}:
-            continue  # an attribute this pass does not know how to merge
+            return None  # an attribute this pass does not know how to merge
         if not all(name in initializers for name in node.input[1:] if name):
-            continue
-        key = (node.input[0], attrs["K"], attrs["bits"], attrs["block_size"], attrs.get("accuracy_level", 0),
-               len(node.input))
-        groups[key].append(node)
+            return None
+        key = ("MatMulNBits", node.input[0], attrs["K"], attrs["bits"], attrs["block_size"],
+               attrs.get("accuracy_level", 0), len(node.input))
+        return key, attrs["N"]
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in initializers:
+        dims = list(initializers[node.input[1]].dims)
+        if len(dims) == 2:
+            return ("MatMul", node.input[0], dims[0], initializers[node.input[1]].data_type), dims[1]
+    return None
+
+
+def fuse_shared_input_matmuls(model: onnx.ModelProto, op: str = "MatMulNBits") -> int:
+    """Merge projections of one op (MatMulNBits, or MatMul by a constant) that read the same input and agree
+    in everything else into one node plus a Split; returns how many nodes were merged away."""
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    groups: dict[tuple, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        fusable = _fusable(node, initializers) if node.op_type == op else None
+        if fusable is not None:
+            groups[fusable[0]].append((node, fusable[1]))
     fused_away = 0
     replaced: dict[int, list[onnx.NodeProto]] = {}
-    for (x, K, bits, block_size, level, n_inputs), nodes in groups.items():
-        if len(nodes) < 2:
+    for key, members in groups.items():
+        if len(members) < 2:
             continue
-        sizes = [_attributes(n)["N"] for n in nodes]
+        nodes, sizes = [n for n, _ in members], [size for _, size in members]
         name = nodes[0].name + ".fused"
+        op, x = key[0], key[1]
+        # MatMulNBits holds a row per output column, MatMul's weight a column per output column.
+        axis = 0 if op == "MatMulNBits" else 1
         merged_inputs = [x]
-        for position in range(1, n_inputs):
+        for position in range(1, len(nodes[0].input)):
             arrays = [numpy_helper.to_array(initializers[n.input[position]]) for n in nodes]
-            merged = numpy_helper.from_array(np.concatenate(arrays, axis=0), f"{name}.input{position}")
+            merged = numpy_helper.from_array(np.concatenate(arrays, axis=axis), f"{name}.input{position}")
             graph.initializer.append(merged)
             merged_inputs.append(merged.name)
         product = f"{name}.output"
-        fused = helper.make_node("MatMulNBits", merged_inputs, [product], name=name, domain=MS_DOMAIN,
-                                 K=K, N=sum(sizes), bits=bits, block_size=block_size, accuracy_level=level,
-                                 doc_string=FUSED_DOC + json.dumps([n.name for n in nodes]))
+        doc = FUSED_DOC + json.dumps([[n.name, size] for n, size in zip(nodes, sizes)])
+        if op == "MatMulNBits":
+            K, bits, block_size, level = key[2:6]
+            fused = helper.make_node("MatMulNBits", merged_inputs, [product], name=name, domain=MS_DOMAIN, K=K,
+                                     N=sum(sizes), bits=bits, block_size=block_size, accuracy_level=level,
+                                     doc_string=doc)
+        else:
+            fused = helper.make_node("MatMul", merged_inputs, [product], name=name, doc_string=doc)
         split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}.split_sizes")
         graph.initializer.append(split_sizes)
         split = helper.make_node("Split", [product, split_sizes.name], [n.output[0] for n in nodes],
@@ -172,8 +202,114 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
     return fused_away
 
 
-def fused_members(node: onnx.NodeProto) -> list[str]:
-    """The names of the nodes a fused MatMulNBits replaced, in row order; [] for any other node."""
+def fused_members(node: onnx.NodeProto) -> list[tuple[str, int]]:
+    """(name, output columns) of each node a fused projection replaced, in column order; [] for any other."""
     if node.doc_string.startswith(FUSED_DOC):
-        return json.loads(node.doc_string[len(FUSED_DOC):])
+        return [(name, int(size)) for name, size in json.loads(node.doc_string[len(FUSED_DOC):])]
     return []
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers[name].append(node)
+    return readers
+
+
+def pack_qkv_into_attention(model: onnx.ModelProto) -> int:
+    """GroupQueryAttention nodes fed q, k, v by one Split of a fused projection read the projection's
+    output whole instead (packed QKV); returns how many Splits were removed."""
+    graph = model.graph
+    producer, readers = _producers(graph), _readers(graph)
+    outputs = {o.name for o in graph.output}
+    packed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or len(node.input) < 3:
+            continue
+        split = producer.get(node.input[0])
+        if (split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3])
+                or any(len(readers[name]) != 1 or name in outputs for name in split.output)):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        packed += 1
+    if packed:
+        remove_dead_nodes(model)
+    return packed
+
+
+def _constant(initializers: dict, name: str):
+    return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+
+def _rms_norm_at(mul: onnx.NodeProto, producer: dict, initializers: dict):
+    """(x, weight, eps) when mul is the end of weight * (x / sqrt(mean(x^2, -1) + eps)), else None."""
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    weight, quotient = (mul.input[0], mul.input[1]) if mul.input[0] in initializers else (mul.input[1], mul.input[0])
+    div = producer.get(quotient)
+    if weight not in initializers or div is None or div.op_type != "Div":
+        return None
+    x, sqrt = div.input[0], producer.get(div.input[1])
+    add = producer.get(sqrt.input[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+    if add is None or add.op_type != "Add" or add.input[1] not in initializers:
+        return None
+    mean = producer.get(add.input[0])
+    if mean is None or mean.op_type != "ReduceMean" or len(mean.input) < 2:
+        return None
+    axes, keepdims = _constant(initializers, mean.input[1]), _attributes(mean).get("keepdims", 1)
+    power = producer.get(mean.input[0])
+    if axes is None or axes.tolist() != [-1] or not keepdims or power is None or power.op_type != "Pow":
+        return None
+    exponent = _constant(initializers, power.input[1])
+    if power.input[0] != x or exponent is None or float(exponent) != 2.0:
+        return None
+    return x, weight, float(_constant(initializers, add.input[1]))
+
+
+def fuse_residual_norms(model: onnx.ModelProto) -> int:
+    """Add + RMSNorm written out -> SkipSimplifiedLayerNormalization (module docstring); returns how many."""
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producer = _producers(graph)
+    outputs = {o.name for o in graph.output}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for mul in graph.node:
+        found = _rms_norm_at(mul, producer, initializers)
+        if found is None:
+            continue
+        x, weight, eps = found
+        residual = producer.get(x)
+        if (residual is None or residual.op_type != "Add" or id(residual) in replaced
+                or any(name in initializers for name in residual.input) or mul.output[0] in outputs):
+            continue
+        fused = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [residual.input[0], residual.input[1], weight],
+            [mul.output[0], "", "", x], name=mul.name + ".skip_norm", domain=MS_DOMAIN, epsilon=eps)
+        # In the residual Add's place: its inputs are defined there, and every reader of the sum comes after.
+        replaced[id(residual)], replaced[id(mul)] = [fused], []
+    if replaced:
+        new_nodes = []
+        for node in graph.node:
+            new_nodes.extend(replaced.get(id(node), [node]))
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        remove_dead_nodes(model)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(replaced) // 2
+
+
+def optimize_float_graph(model: onnx.ModelProto, fuse_projections: bool) -> dict:
+    """The passes for the exporter's float graph; projections are fused only when the graph stays float
+    (quantization finds each weight by its own MatMul). Returns what each pass changed."""
+    done = {"Reshape_folded": fold_reshapes(model), "residual_norms_fused": fuse_residual_norms(model)}
+    if fuse_projections:
+        done["MatMul_fused_away"] = fuse_shared_input_matmuls(model, op="MatMul")
+        done["qkv_packed"] = pack_qkv_into_attention(model)
+    return done

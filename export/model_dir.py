@@ -25,7 +25,7 @@ from export.errors import ExportError
 from export.genai import write_genai_files
 from export.inspection import write_inspection_graph
 from export.legacy_gqa import legacy_graph
-from export.onnx_export import export_onnx
+from export.onnx_export import export_onnx, optimize_graph_file
 from export import quantize
 from export.probe import write_probe
 from export.verify import verify
@@ -118,6 +118,7 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
         started = time.perf_counter()
         log(f"exporting {config.name} ({model.num_parameters() / 1e6:.1f}M parameters) to ONNX in {dtype} ...")
         export_onnx(model, tmp / contract.MODEL_FILE, dtype)
+        graph_changes = optimize_graph_file(tmp / contract.MODEL_FILE, fuse_projections=weights == "fp32")
         weights_entry = {}
         if weights != "fp32":
             log(f"quantizing the weights to {weights} (accuracy_level {accuracy_level}) ...")
@@ -131,7 +132,8 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
         # (model.onnx.data) are shared, not copied.
         onnx.save(legacy_graph(tmp / contract.MODEL_FILE), str(tmp / contract.MODEL_FILE_WITHOUT_QUERY_SEQLENS))
         (tmp / contract.TOKENIZER_FILE).write_text(tokenizer_json)
-        card = make_card(config, meta, verification={}, dtype=dtype, weights=weights_entry)
+        card = make_card(config, meta, verification={}, dtype=dtype, weights=weights_entry,
+                         graph_passes=graph_changes)
         (tmp / contract.CARD_FILE).write_text(card.to_json())
         write_inspection_graph(tmp, card)  # attention probabilities for InspectAttention, same weights
         log(f"exported in {time.perf_counter() - started:.1f} s; verifying against PyTorch (fp32) ...")
@@ -140,7 +142,8 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
                              device=verify_device)
         except RunnerError as e:  # onnxruntime cannot run the graph there: the device, not the export, is at fault
             raise ExportError(f"cannot verify on {verify_device}: {e}") from None
-        card = make_card(config, meta, verification=figures, dtype=dtype, weights=weights_entry)
+        card = make_card(config, meta, verification=figures, dtype=dtype, weights=weights_entry,
+                         graph_passes=graph_changes)
         card = dataclasses.replace(card, probe=write_probe(model, tmp, card, tokenizer_json, figures, verify_device))
         (tmp / contract.CARD_FILE).write_text(card.to_json())
         write_genai_files(tmp, card)
@@ -157,7 +160,7 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
 
 
 def make_card(config: ModelConfig, meta: dict, verification: dict, dtype: str = "float32",
-              weights: Optional[dict] = None) -> ModelCard:
+              weights: Optional[dict] = None, graph_passes: Optional[dict] = None) -> ModelCard:
     return ModelCard(
         name=config.name,
         architecture=architecture(config),
@@ -180,6 +183,7 @@ def make_card(config: ModelConfig, meta: dict, verification: dict, dtype: str = 
             "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(),
             "source": meta.get("source"),
+            "graph_passes": graph_passes or {},  # export/graph_passes.py: what each rewrite changed
         },
         verification=verification,
         graphs={"with_query_seqlens": contract.MODEL_FILE,

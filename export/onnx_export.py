@@ -65,20 +65,20 @@ def export_onnx(model: Transformer, path: Path, dtype: str = "float32") -> Path:
             optimize=True,
             verbose=False,
         )
-    fold_graph_reshapes(Path(path))
     return Path(path)
 
 
-def fold_graph_reshapes(path: Path) -> None:
-    """The heads' Reshapes back and forth around each attention call, folded away (export/graph_passes.py)."""
+def optimize_graph_file(path: Path, fuse_projections: bool) -> dict:
+    """Rewrite the exported graph at path (and its .data) with export/graph_passes.py's float passes."""
+    path = Path(path)
     proto = onnx.load(str(path))
-    if not graph_passes.fold_reshapes(proto):
-        return
+    done = graph_passes.optimize_float_graph(proto, fuse_projections)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=1024)
     data.chmod(0o644)  # onnx writes it private; servers often run as another user
+    return done
 
 
 class _quiet_exporter_logs:

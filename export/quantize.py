@@ -350,8 +350,8 @@ def write_quantized_graph(model_path, model, scheme: str, accuracy_level: int,
     if counts["MatMulNBits"] != matmuls or counts["GatherBlockQuantized"] != (EMBEDDING in planned):
         raise RuntimeError(f"the graph rewrite replaced {counts}, expected {matmuls} MatMulNBits and "
                            f"{int(EMBEDDING in planned)} GatherBlockQuantized: a weight was not found in the graph")
-    counts["Reshape_folded"] = graph_passes.fold_reshapes(graph)
-    counts["MatMulNBits_fused_away"] = graph_passes.fuse_shared_input_matmuls(graph)
+    counts["MatMulNBits_fused_away"] = graph_passes.fuse_shared_input_matmuls(graph, op="MatMulNBits")
+    counts["qkv_packed"] = graph_passes.pack_qkv_into_attention(graph)
     data = f"{os.path.basename(model_path)}.data"
     data_path = os.path.join(os.path.dirname(model_path), data)
     if os.path.exists(data_path):

@@ -13,6 +13,11 @@ the oldest leave together:
 
     wait_seconds(now): how long the caller may sleep before next_batch's answer can change without an add
 
+Inside a batch, length_groups splits the inputs into runs of similar length, so that padding
+stays under MAX_PADDING of the real tokens: measured on all-MiniLM-L6-v2 (texts of 11 to 67
+tokens, batches of 32, 2 threads), one padded run a batch computed 1.6 times the real tokens and
+embedded 197 texts/s, runs grouped by length 278 texts/s.
+
 The batch thread (server/encoders.py) is the only caller; the clock is its.
 Inputs never overtake: one that does not fit ends the batch, even if a
 shorter one behind it would fit. An input longer than max_batch_tokens
@@ -23,7 +28,29 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+
+MAX_PADDING = 1.25  # padded tokens per real token a run of length_groups may compute
+
+
+def length_groups(tokens: Sequence[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Indices of the inputs, shortest first, cut into runs whose padded tokens (inputs x the longest) stay
+    within max_padding x their real tokens. Equal lengths (images) make one run."""
+    order = sorted(range(len(tokens)), key=lambda i: tokens[i])
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in order:
+        # Sorted, so tokens[i] is the longest of the group were it to join.
+        if group and (len(group) + 1) * tokens[i] > max_padding * (real + tokens[i]):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += tokens[i]
+    if group:
+        groups.append(group)
+    return groups
 
 
 @dataclass(frozen=True)

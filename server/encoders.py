@@ -30,7 +30,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from server import contract
-from server.batching import Batch, BatchLimits, BatchPolicy
+from server.batching import Batch, BatchLimits, BatchPolicy, length_groups
 from server.contract import EncoderCard
 from server.errors import EngineStepError, InvalidRequestError, QueueFullError, ServerDrainingError
 from server.images import ImageSpec, preprocess
@@ -375,22 +375,26 @@ class BatchedModel:
 
     def _execute(self, batch: Batch) -> None:
         live = [item for item in batch.items if not item.call.ended]
-        if live:
-            started = time.perf_counter()
-            try:
-                outputs = self.graph.run([item.data for item in live])  # [B, D] or [B, L]
-            except Exception as e:
-                log.exception("a run of %s on %d inputs failed", self.name, len(live))
-                error = EngineStepError(f"model {self.name} failed on a batch of {len(live)} inputs "
-                                        f"({type(e).__name__}); see the server log")
-                for item in live:
-                    item.call.settle(error=error)
-            else:
-                self.observer.on_batch(self.name, len(live), len(live) * max(item.tokens for item in live),
-                                       time.perf_counter() - started)
-                for item, row in zip(live, outputs):
-                    self._deliver(item, row)
+        # Runs of similar length (server/batching.py): padding a short text to a long one costs the long one.
+        for group in length_groups([item.tokens for item in live]):
+            self._run_group([live[i] for i in group])
         self._release(len(batch.items))
+
+    def _run_group(self, items: list) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.graph.run([item.data for item in items])  # [B, D] or [B, L]
+        except Exception as e:
+            log.exception("a run of %s on %d inputs failed", self.name, len(items))
+            error = EngineStepError(f"model {self.name} failed on a batch of {len(items)} inputs "
+                                    f"({type(e).__name__}); see the server log")
+            for item in items:
+                item.call.settle(error=error)
+            return
+        self.observer.on_batch(self.name, len(items), len(items) * max(item.tokens for item in items),
+                               time.perf_counter() - started)
+        for item, row in zip(items, outputs):
+            self._deliver(item, row)
 
     def _deliver(self, item: _Input, row: np.ndarray) -> None:
         call = item.call

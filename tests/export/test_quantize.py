@@ -45,8 +45,7 @@ def graph_weights(model_dir: Path) -> dict[str, np.ndarray]:
         if node.op_type == "MatMulNBits" and graph_passes.fused_members(node):
             # One node for several projections (q, k, v; gate, up): its rows are theirs, in order.
             values, start = unpack_matmul_nbits(node, attrs, inits), 0
-            split = next(n for n in model.graph.node if n.op_type == "Split" and n.input[0] == node.output[0])
-            for member, size in zip(graph_passes.fused_members(node), inits[split.input[1]]):
+            for member, size in graph_passes.fused_members(node):
                 member = member.removeprefix("quantized/")
                 rows = values[start:start + size]
                 offsets = inits.get(f"quantized/{member}.offsets")
@@ -159,12 +158,16 @@ def test_int4_dir_holds_every_projection_as_matmul_nbits(int4_llama_dir):
     graph = onnx.load(str(int4_llama_dir / contract.MODEL_FILE), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     # 7 projections a layer and the head were rewritten; q, k, v (one input) and gate, up (another) are
-    # then fused, so a layer runs 4 MatMulNBits, and a Split after each fused one. No float MatMul is left
-    # with a weight operand, and the heads' Reshapes back and forth are folded away.
+    # then fused, so a layer runs 4 MatMulNBits: attention reads q, k, v packed, gate and up are split.
+    # No float MatMul is left with a weight operand, the heads' Reshapes back and forth are folded
+    # away, and each residual Add is one kernel with the RMSNorm after it.
     assert card.weights["graph_nodes"]["MatMulNBits"] == 7 * card.n_layers + 1
     assert card.weights["graph_nodes"]["MatMulNBits_fused_away"] == 3 * card.n_layers
+    assert card.weights["graph_nodes"]["qkv_packed"] == card.n_layers
     assert ops.count("MatMulNBits") == 4 * card.n_layers + 1 and ops.count("GatherBlockQuantized") == 1
-    assert ops.count("Split") == 2 * card.n_layers and ops.count("Reshape") == 0
+    assert ops.count("Split") == card.n_layers and ops.count("Reshape") == 0
+    # Every norm but the first (of the embeddings) and the final one (of the gathered last tokens).
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * card.n_layers - 1
     inits = {i.name for i in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     weights = card.weights

@@ -1,9 +1,10 @@
 """The dynamic-batching policy of encoders and image classifiers (server/batching.py): fake inputs, a fake clock."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from server.batching import BatchLimits, BatchPolicy
+from server.batching import MAX_PADDING, BatchLimits, BatchPolicy, length_groups
 
 WINDOW = 0.002
 
@@ -122,3 +123,29 @@ def test_images_count_one_token_each():
 def test_limits_out_of_range_are_refused(limits):
     with pytest.raises(ValueError):
         BatchLimits(**limits)
+
+
+# ---- length_groups: runs of similar length inside a batch ------------------------------------------
+
+
+def padded_over_real(tokens, group) -> float:
+    return len(group) * max(tokens[i] for i in group) / sum(tokens[i] for i in group)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_groups_cover_every_input_once_within_the_padding_bound(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 300, size=int(rng.integers(1, 64))).tolist()
+    groups = length_groups(tokens)
+    assert sorted(i for g in groups for i in g) == list(range(len(tokens)))
+    assert all(padded_over_real(tokens, g) <= MAX_PADDING for g in groups)
+    # Greedy from the shortest: joining the next group's first input would have broken the bound.
+    for group, after in zip(groups, groups[1:]):
+        assert padded_over_real(tokens, group + after[:1]) > MAX_PADDING
+
+
+def test_length_groups_keep_equal_lengths_in_one_run_and_split_a_long_tail():
+    assert length_groups([64] * 10) == [list(range(10))]  # images: one run
+    tokens = [10, 11, 12, 100]
+    assert length_groups(tokens) == [[0, 1, 2], [3]]  # padding the three short texts to 100 would be 3.3x
+    assert length_groups([]) == []

@@ -28,6 +28,7 @@ from server.errors import InvalidRequestError, to_status
 from server.metrics import Metrics
 from tests.server.helpers import ROOT
 from tests.server.test_kserve import status_of, triton
+from server.batching import length_groups
 from tests.server.test_metrics import documented_metrics
 
 Tensor = pb.ModelInferRequest.InferInputTensor
@@ -466,8 +467,11 @@ def test_metrics_count_the_embed_and_classify_calls_each_front_made(server):
     assert delta("attnserve_batch_request_inputs_sum", model=ENCODER, protocol="grpc") == embedded_texts - 2
     assert delta("attnserve_batch_request_duration_seconds_count", model=ENCODER) == len(native_calls) + 2
     assert delta("attnserve_batch_run_inputs_sum") == ran_inputs
-    # The calls came one after another, each fitting one run: a run per call that reached the graph.
-    assert delta("attnserve_batch_run_inputs_count") == len(native_calls) + 1 + 2
+    # The calls came one after another, each fitting one batch, which runs its texts in groups of similar
+    # length (server/batching.py); the KServe call embedded the first two texts again; images: one run a call.
+    text_runs = [len(length_groups([e.tokens for e in response.embeddings])) for response in native]
+    text_runs.append(len(length_groups([e.tokens for e in native[0].embeddings[:2]])))
+    assert delta("attnserve_batch_run_inputs_count") == sum(text_runs) + 2
     tokens = sum(e.tokens for response in native for e in response.embeddings) + kserve[0]["parameters"]["prompt_tokens"]
     assert delta("attnserve_batch_run_padded_tokens_sum", model=ENCODER) >= tokens  # padding only adds
     assert total(after, "attnserve_batch_queue_inputs") == 0  # nothing waits once every call is answered
