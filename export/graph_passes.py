@@ -192,14 +192,20 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, op: str = "MatMulNBits") -
         for n in nodes[1:]:
             replaced[id(n)] = []
         fused_away += len(nodes) - 1
-    if replaced:
-        new_nodes = []
-        for node in graph.node:
-            new_nodes.extend(replaced.get(id(node), [node]))
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        remove_dead_nodes(model)
+    _replace_nodes(model, replaced)
     return fused_away
+
+
+def _replace_nodes(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]]) -> None:
+    """Each node whose id() is a key gives way to its list (empty: removed), in place; then the dead go."""
+    if not replaced:
+        return
+    new_nodes = []
+    for node in model.graph.node:
+        new_nodes.extend(replaced.get(id(node), [node]))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    remove_dead_nodes(model)
 
 
 def fused_members(node: onnx.NodeProto) -> list[tuple[str, int]]:
@@ -293,15 +299,9 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
             [mul.output[0], "", "", x], name=mul.name + ".skip_norm", domain=MS_DOMAIN, epsilon=eps)
         # In the residual Add's place: its inputs are defined there, and every reader of the sum comes after.
         replaced[id(residual)], replaced[id(mul)] = [fused], []
-    if replaced:
-        new_nodes = []
-        for node in graph.node:
-            new_nodes.extend(replaced.get(id(node), [node]))
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        remove_dead_nodes(model)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _replace_nodes(model, replaced)
+    if replaced and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(replaced) // 2
 
 
