@@ -128,7 +128,28 @@ def test_peers_flag_adds_the_peer_systems(tmp_path):
     plan = parse_args(["--model", str(tmp_path), "--peers"])
     assert plan.systems == ALL_SYSTEMS + PEER_SYSTEMS
     assert parse_args(["--model", str(tmp_path), "--systems", "llamacpp", "--peers"]).systems == (
-        "llamacpp", "attnserve-http")
+        "llamacpp", "attnserve-http", "genai-builder-engine", "genai-builder-generator")
+
+
+def test_the_genai_builder_peers_are_skipped_with_the_command_that_builds_them(tmp_path, capsys):
+    from bench.harness import Run, build_system, parse_args
+    from bench.systems import GenaiEngine, GenaiGenerator, ServerSettings
+
+    plan = parse_args(["--model", str(tmp_path), "--systems", "genai-builder-engine",
+                       "--genai-model", str(tmp_path / "not-built")])
+    run = Run(plan, SimpleNamespace(exporter={}), ServerSettings(kv_slots=4, max_seq_len=128), (0, 10))
+    assert build_system("genai-builder-engine", run) is None
+    err = capsys.readouterr().err
+    assert "genai-builder-engine skipped" in err and "make peers" in err
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "genai_config.json").write_text('{"model": {"pad_token_id": 2}}')
+    plan = parse_args(["--model", str(tmp_path), "--genai-model", str(built)])
+    run = Run(plan, SimpleNamespace(exporter={}), ServerSettings(kv_slots=4, max_seq_len=128), (0, 10))
+    engine, generator = build_system("genai-builder-engine", run), build_system("genai-builder-generator", run)
+    assert isinstance(engine, GenaiEngine) and engine.name == "genai-builder-engine" and engine.model_dir == built
+    assert isinstance(generator, GenaiGenerator) and generator.pad_token_id == 2
+    assert "builder made" in engine.description and "builder made" not in GenaiEngine.description
 
 
 def test_peer_table_sets_each_point_beside_llamacpp_at_its_concurrency():
