@@ -131,6 +131,14 @@ class InferenceService:
                 return convert.encoder_metadata(batched.name, batched.card.embedding_dim)
             return convert.classifier_metadata(batched.name, len(batched.card.labels))
 
+    async def RepositoryIndex(self, message, context) -> pb.RepositoryIndexResponse:
+        async with _aborting(context):
+            decoded(message, "RepositoryIndexRequest")
+            names = list(self.names)
+            ready = {name: self.ready() if self.has_decoder and name == self.served_name else self._serving()
+                     for name in names}
+            return convert.repository_index(names, ready, only_ready=message.ready)
+
     # ---- inference ----
 
     async def ModelInfer(self, message, context) -> pb.ModelInferResponse:
@@ -233,6 +241,7 @@ class InferenceService:
             "ServerMetadata": unary(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": unary(self.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
             "ModelInfer": unary(self.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "RepositoryIndex": unary(self.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.ModelStreamInfer, request_deserializer=safe_parser(pb.ModelInferRequest),
                 response_serializer=pb.ModelStreamInferResponse.SerializeToString),

@@ -513,3 +513,14 @@ def classifier_metadata(model_name: str, n_labels: int) -> pb.ModelMetadataRespo
         outputs=[tensor(name=PROBABILITIES, datatype="FP32", shape=[-1, n_labels]),
                  tensor(name=LABEL, datatype="BYTES", shape=[-1])],
     )
+
+
+def repository_index(names: list[str], ready: dict[str, bool], only_ready: bool) -> pb.RepositoryIndexResponse:
+    """Triton's repository index of the models served: each READY, or UNAVAILABLE with the reason."""
+    response = pb.RepositoryIndexResponse()
+    for name in names:
+        if only_ready and not ready[name]:
+            continue
+        response.models.add(name=name, version=MODEL_VERSION, state="READY" if ready[name] else "UNAVAILABLE",
+                            reason="" if ready[name] else "the server is draining or its engine broke")
+    return response

@@ -125,6 +125,8 @@ def run(target: str, calls: list[dict]) -> list[dict]:
                 results.append({"value": client.get_server_metadata(as_json=True)})
             elif op == "model_metadata":
                 results.append({"value": client.get_model_metadata(model, version, as_json=True)})
+            elif op == "repository_index":
+                results.append({"value": client.get_model_repository_index(as_json=True)})
             elif op == "infer":
                 result = client.infer(model, _inputs(call, grpcclient, triton_to_np_dtype), model_version=version,
                                       outputs=_outputs(call, grpcclient), request_id=call.get("id", ""),

@@ -311,6 +311,13 @@ def test_metadata_and_readiness_describe_every_model_by_name(server, test_encode
     assert status_of(wrong_version) == "NOT_FOUND"
 
 
+def test_the_repository_index_lists_every_model_served(server):
+    (index,) = triton(server.target, {"op": "repository_index"})
+    models = index["value"]["models"]
+    assert [(m["name"], m["version"], m["state"]) for m in models] == [
+        ("test", "1", "READY"), (ENCODER, "1", "READY"), (CLASSIFIER, "1", "READY")]
+
+
 @pytest.mark.slow
 def test_embeddings_equal_the_native_embed_rpcs(server):
     as_list, as_column, truncated = triton(
@@ -475,3 +482,11 @@ def test_metrics_count_the_embed_and_classify_calls_each_front_made(server):
     tokens = sum(e.tokens for response in native for e in response.embeddings) + kserve[0]["parameters"]["prompt_tokens"]
     assert delta("attnserve_batch_run_padded_tokens_sum", model=ENCODER) >= tokens  # padding only adds
     assert total(after, "attnserve_batch_queue_inputs") == 0  # nothing waits once every call is answered
+
+
+def test_the_repository_index_marks_models_that_are_not_ready_and_can_leave_them_out():
+    ready = {"llm": False, ENCODER: True}
+    index = convert.repository_index(["llm", ENCODER], ready, only_ready=False)
+    assert [(m.name, m.state) for m in index.models] == [("llm", "UNAVAILABLE"), (ENCODER, "READY")]
+    assert index.models[0].reason and not index.models[1].reason
+    assert [m.name for m in convert.repository_index(["llm", ENCODER], ready, only_ready=True).models] == [ENCODER]
