@@ -142,13 +142,19 @@ def dequantized_weights(model_dir: Path) -> dict:
     import onnx
     from onnx import helper, numpy_helper
 
-    from export.graph_passes import fused_members
+    from export.graph_passes import fused_matmul_columns, fused_members
     from export.quantize import _PREFIX, EMBEDDING, BlockWeight
 
     model = onnx.load(str(Path(model_dir) / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
 
+    # Q4_1 block minimums of fused projections sit in one fused correction MatMul: `<name>.offset_product`.
+    fused_offsets = {member.removesuffix(".offset_product") + ".offsets": columns
+                     for member, columns in fused_matmul_columns(model).items() if member.endswith(".offset_product")}
+
     def array(name):
+        if name in fused_offsets:
+            return fused_offsets[name]
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
     out = {}

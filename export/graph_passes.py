@@ -150,9 +150,14 @@ def _fusable(node: onnx.NodeProto, initializers: dict):
 
 def fuse_shared_input_matmuls(model: onnx.ModelProto, op: str = "MatMulNBits") -> int:
     """Merge projections of one op (MatMulNBits, or MatMul by a constant) that read the same input and agree
-    in everything else into one node plus a Split; returns how many nodes were merged away."""
+    in everything else into one node plus a Split; returns how many nodes were merged away.
+
+    Projections that hold GGUF Q4_1 blocks exactly (export/quantize.py) add a correction to their product,
+    Add(product, MatMul(block sums, block minimums)); for a group whose members all do, the corrections are
+    merged too and added before the Split, so attention can still read q, k, v packed."""
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
+    producer, readers = _producers(graph), _readers(graph)
     groups: dict[tuple, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
     for node in graph.node:
         fusable = _fusable(node, initializers) if node.op_type == op else None
@@ -164,36 +169,76 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, op: str = "MatMulNBits") -
         if len(members) < 2:
             continue
         nodes, sizes = [n for n, _ in members], [size for _, size in members]
-        name = nodes[0].name + ".fused"
-        op, x = key[0], key[1]
-        # MatMulNBits holds a row per output column, MatMul's weight a column per output column.
-        axis = 0 if op == "MatMulNBits" else 1
-        merged_inputs = [x]
-        for position in range(1, len(nodes[0].input)):
-            arrays = [numpy_helper.to_array(initializers[n.input[position]]) for n in nodes]
-            merged = numpy_helper.from_array(np.concatenate(arrays, axis=axis), f"{name}.input{position}")
-            graph.initializer.append(merged)
-            merged_inputs.append(merged.name)
-        product = f"{name}.output"
-        doc = FUSED_DOC + json.dumps([[n.name, size] for n, size in zip(nodes, sizes)])
-        if op == "MatMulNBits":
-            K, bits, block_size, level = key[2:6]
-            fused = helper.make_node("MatMulNBits", merged_inputs, [product], name=name, domain=MS_DOMAIN, K=K,
-                                     N=sum(sizes), bits=bits, block_size=block_size, accuracy_level=level,
-                                     doc_string=doc)
-        else:
-            fused = helper.make_node("MatMul", merged_inputs, [product], name=name, doc_string=doc)
-        split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}.split_sizes")
-        graph.initializer.append(split_sizes)
-        split = helper.make_node("Split", [product, split_sizes.name], [n.output[0] for n in nodes],
-                                 name=f"{name}.split", axis=-1)
-        # The fused node takes the place of the group's first member, so every input it reads is defined.
-        replaced[id(nodes[0])] = [fused, split]
+        fused, product = _merge(graph, initializers, key, nodes, sizes)
+        name = fused.name
+        outputs = [n.output[0] for n in nodes]
+        corrections = _offset_corrections(nodes, producer, readers, initializers) if key[0] == "MatMulNBits" else None
+        replaced[id(nodes[0])] = [fused]
         for n in nodes[1:]:
             replaced[id(n)] = []
+        last = nodes[0]
+        if corrections is not None:
+            adds, matmuls = corrections
+            correction, correction_out = _merge(graph, initializers, ("MatMul", matmuls[0].input[0]), matmuls, sizes)
+            summed = f"{name}.corrected"
+            replaced[id(nodes[0])] = [fused, correction,
+                                      helper.make_node("Add", [product, correction_out], [summed], name=f"{name}.add")]
+            for n in adds + matmuls:
+                replaced[id(n)] = []
+            product, outputs = summed, [a.output[0] for a in adds]
+            fused_away += 2 * (len(nodes) - 1)
+        split_sizes = numpy_helper.from_array(np.array(sizes, np.int64), f"{name}.split_sizes")
+        graph.initializer.append(split_sizes)
+        replaced[id(last)].append(helper.make_node("Split", [product, split_sizes.name], outputs,
+                                                   name=f"{name}.split", axis=-1))
         fused_away += len(nodes) - 1
     _replace_nodes(model, replaced)
     return fused_away
+
+
+def _merge(graph, initializers: dict, key: tuple, nodes: list, sizes: list) -> tuple[onnx.NodeProto, str]:
+    """One projection for nodes, their constant operands concatenated; (the node, its output's name)."""
+    op, x = key[0], key[1]
+    name = nodes[0].name + ".fused"
+    # MatMulNBits holds a row per output column, MatMul's weight a column per output column.
+    axis = 0 if op == "MatMulNBits" else 1
+    merged_inputs = [x]
+    for position in range(1, len(nodes[0].input)):
+        arrays = [numpy_helper.to_array(initializers[n.input[position]]) for n in nodes]
+        merged = numpy_helper.from_array(np.concatenate(arrays, axis=axis), f"{name}.input{position}")
+        graph.initializer.append(merged)
+        initializers[merged.name] = merged
+        merged_inputs.append(merged.name)
+    product = f"{name}.output"
+    doc = FUSED_DOC + json.dumps([[n.name, size] for n, size in zip(nodes, sizes)])
+    if op == "MatMulNBits":
+        K, bits, block_size, level = key[2:6]
+        fused = helper.make_node("MatMulNBits", merged_inputs, [product], name=name, domain=MS_DOMAIN, K=K,
+                                 N=sum(sizes), bits=bits, block_size=block_size, accuracy_level=level, doc_string=doc)
+    else:
+        fused = helper.make_node("MatMul", merged_inputs, [product], name=name, doc_string=doc)
+    return fused, product
+
+
+def _offset_corrections(nodes, producer: dict, readers: dict, initializers: dict):
+    """(the Adds, the correction MatMuls) when every node's product is read only by
+    Add(product, MatMul(S, constant)) with one S for all of them; else None."""
+    adds, matmuls = [], []
+    for node in nodes:
+        reading = readers.get(node.output[0], [])
+        if len(reading) != 1 or reading[0].op_type != "Add":
+            return None
+        add = reading[0]
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        matmul = producer.get(other)
+        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in initializers \
+                or len(readers.get(other, [])) != 1:
+            return None
+        adds.append(add)
+        matmuls.append(matmul)
+    if len({m.input[0] for m in matmuls}) != 1:
+        return None
+    return adds, matmuls
 
 
 def _replace_nodes(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]]) -> None:
@@ -204,8 +249,27 @@ def _replace_nodes(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodePro
     for node in model.graph.node:
         new_nodes.extend(replaced.get(id(node), [node]))
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    model.graph.node.extend(_topological(new_nodes, model.graph))
     remove_dead_nodes(model)
+
+
+def _topological(nodes: list, graph: onnx.GraphProto) -> list:
+    """nodes in an order where each comes after what it reads, otherwise as given (a replacement may
+    produce what a node placed before it reads: a fused Split after a reader of its first output)."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in defined for name in node.input):
+                ordered.append(node)
+                defined.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError(f"the rewritten graph has a cycle or an undefined input at {waiting[0].name}")
+        pending = waiting
+    return ordered
 
 
 def fused_members(node: onnx.NodeProto) -> list[tuple[str, int]]:
@@ -313,3 +377,19 @@ def optimize_float_graph(model: onnx.ModelProto, fuse_projections: bool) -> dict
         done["MatMul_fused_away"] = fuse_shared_input_matmuls(model, op="MatMul")
         done["qkv_packed"] = pack_qkv_into_attention(model)
     return done
+
+
+def fused_matmul_columns(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each member of a fused float MatMul -> its columns of the fused constant weight (for tools that read
+    weights back, such as a Q4_1 projection's block minimums: `<projection>.offset_product`)."""
+    initializers = {i.name: i for i in model.graph.initializer}
+    columns = {}
+    for node in model.graph.node:
+        members = fused_members(node) if node.op_type == "MatMul" else []
+        if not members:
+            continue
+        weight, start = numpy_helper.to_array(initializers[node.input[1]]), 0
+        for name, size in members:
+            columns[name] = weight[:, start:start + size]
+            start += size
+    return columns

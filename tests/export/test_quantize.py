@@ -38,6 +38,10 @@ def graph_weights(model_dir: Path) -> dict[str, np.ndarray]:
     """Parameter name -> float32 [N, K] weights as the dir's MatMulNBits / GatherBlockQuantized nodes hold them."""
     model = onnx.load(str(model_dir / contract.MODEL_FILE))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    # Q4_1 block minimums of fused projections sit in one fused correction MatMul: `<name>.offset_product`.
+    for member, columns in graph_passes.fused_matmul_columns(model).items():
+        if member.endswith(".offset_product"):
+            inits[member.removesuffix(".offset_product") + ".offsets"] = columns
     out = {}
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
