@@ -14,7 +14,6 @@ tokenized, embedded; PNG bytes in, decoded, preprocessed, classified.
 from __future__ import annotations
 
 import asyncio
-import io
 import sys
 import threading
 import time
@@ -50,6 +49,34 @@ class EncoderSystem:
 
     def settings(self) -> dict:
         return {}
+
+
+class InProcessSystem(EncoderSystem):
+    """A peer that runs in this process: start() loads it (_load) off the event loop."""
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+
+class AttnserveModel(EncoderSystem):
+    """One model of the attnserve server subprocess, called over its gRPC channel."""
+
+    def __init__(self, server: "AttnserveServer", model_name: str):
+        self.server = server
+        self.model_name = model_name
+        self.info: dict = {}
+
+    async def start(self) -> None:
+        self.info = await self.server.model_info(self.model_name)
+
+    def server_cpu_seconds(self) -> float:
+        return self.server.server_cpu_seconds()
+
+    async def counters(self) -> dict[str, float]:
+        return await self.server.batch_counters(self.model_name)
 
 
 # --------------------------------------------------------------------------- closed loops
@@ -224,22 +251,14 @@ class AttnserveServer(AttnserveGrpc):
                 "decoder_dir": str(self.decoder_dir) if self.decoder_dir else None, "ready_line": self.ready_line()}
 
 
-class AttnserveEmbed(EncoderSystem):
+class AttnserveEmbed(AttnserveModel):
     name = "attnserve-embed"
     description = "python -m server (subprocess), one Embed per text over one grpc.aio channel, its dynamic batching"
     task = EMBED
 
     def __init__(self, server: AttnserveServer, model_name: str):
-        self.server = server
-        self.model_name = model_name
-        self.info: dict = {}
+        super().__init__(server, model_name)
         self.tokens = 0  # in every text embedded so far
-
-    async def start(self) -> None:
-        self.info = await self.server.model_info(self.model_name)
-
-    def server_cpu_seconds(self) -> float:
-        return self.server.server_cpu_seconds()
 
     async def call(self, text: str) -> np.ndarray:
         return (await self.embed_many([text]))[0]
@@ -254,31 +273,20 @@ class AttnserveEmbed(EncoderSystem):
 
     async def counters(self) -> dict[str, float]:
         # tokens: what the texts hold (special tokens included), against which padded_tokens shows the padding
-        return {**await self.server.batch_counters(self.model_name), "tokens": self.tokens}
+        return {**await super().counters(), "tokens": self.tokens}
 
     def settings(self) -> dict:
         return {"model": self.model_name, "truncate": True, "model_info": self.info, **self.server.settings()}
 
 
-class AttnserveClassify(EncoderSystem):
+class AttnserveClassify(AttnserveModel):
     name = "attnserve-classify"
     description = "the same server, one Classify per PNG over the same grpc.aio channel, its dynamic batching"
     task = CLASSIFY
 
     def __init__(self, server: AttnserveServer, model_name: str, n_labels: int):
-        self.server = server
-        self.model_name = model_name
+        super().__init__(server, model_name)
         self.n_labels = n_labels
-        self.info: dict = {}
-
-    async def start(self) -> None:
-        self.info = await self.server.model_info(self.model_name)
-
-    def server_cpu_seconds(self) -> float:
-        return self.server.server_cpu_seconds()
-
-    async def counters(self) -> dict[str, float]:
-        return await self.server.batch_counters(self.model_name)
 
     async def call(self, png: bytes) -> np.ndarray:
         from attnserve.v1 import generation_pb2 as pb
@@ -297,7 +305,7 @@ class AttnserveClassify(EncoderSystem):
 # --------------------------------------------------------------------------- sentence-transformers
 
 
-class SentenceTransformersRounds(EncoderSystem):
+class SentenceTransformersRounds(InProcessSystem):
     """sentence-transformers as its users run it, handed the texts of the c waiting requests as one encode call."""
 
     name = "sentence-transformers"
@@ -308,9 +316,6 @@ class SentenceTransformersRounds(EncoderSystem):
     def __init__(self, model_path: Path, threads: int):
         self.model_path = Path(model_path)
         self.threads = threads
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
         import torch
@@ -333,7 +338,7 @@ class SentenceTransformersRounds(EncoderSystem):
 # --------------------------------------------------------------------------- a plain onnxruntime session
 
 
-class OrtPerRequest(EncoderSystem):
+class OrtPerRequest(InProcessSystem):
     """The encoder dir's model.onnx in one onnxruntime session, shared by c threads that each run one text.
 
     No batching: each call is input_ids/attention_mask/token_type_ids of shape (1, T), tokenized with
@@ -348,9 +353,6 @@ class OrtPerRequest(EncoderSystem):
     def __init__(self, encoder_dir: Path, threads: int):
         self.encoder_dir = Path(encoder_dir)
         self.threads = threads
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
         import onnxruntime as ort
@@ -386,22 +388,17 @@ class OrtPerRequest(EncoderSystem):
 # --------------------------------------------------------------------------- PyTorch eager on the ViT checkpoint
 
 
-def decode_pixels(png: bytes, image: dict) -> np.ndarray:
-    """PNG bytes -> float32 (C, H, W) as the card's `image` preprocessing says (the server's own steps)."""
-    from PIL import Image
+def decode_pixels(pngs: list[bytes], image: dict) -> np.ndarray:
+    """PNG bytes -> float32 (N, C, H, W) by the server's own decoding and preprocessing (server/images.py) of the
+    card's `image` dict: the same computation on both sides of the comparison."""
+    from server import images
 
-    with Image.open(io.BytesIO(png)) as picture:
-        picture = picture.convert("L" if image["channels"] == 1 else "RGB")
-        if picture.size != (image["width"], image["height"]):
-            picture = picture.resize((image["width"], image["height"]), Image.Resampling.BOX)
-        pixels = np.asarray(picture, dtype=np.uint8).reshape(image["height"], image["width"], image["channels"])
-    mean = np.asarray(image["mean"], dtype=np.float32)
-    std = np.asarray(image["std"], dtype=np.float32)
-    scaled = (pixels.astype(np.float32) / 255.0 * float(image["scale"]) - mean) / std  # (H, W, C)
-    return scaled.transpose(2, 0, 1)  # (C, H, W)
+    limits = images.ImageLimits(max_bytes=max(map(len, pngs)), max_pixels=2 ** 31)
+    decoded = [images.decode(png, limits, f"images[{i}]") for i, png in enumerate(pngs)]  # uint8 (H, W, C) each
+    return images.preprocess(decoded, images.ImageSpec.from_card(image))
 
 
-class TorchVitRounds(EncoderSystem):
+class TorchVitRounds(InProcessSystem):
     """The ViT checkpoint in PyTorch eager (model/ code), the c waiting PNGs decoded and classified in one forward.
 
     Preprocessing is the checkpoint's own `image` dict, the one its model dir's card copies.
@@ -416,9 +413,6 @@ class TorchVitRounds(EncoderSystem):
         self.checkpoint = Path(checkpoint)
         self.threads = threads
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self._load)
-
     def _load(self) -> None:
         import torch
 
@@ -431,7 +425,7 @@ class TorchVitRounds(EncoderSystem):
     def call_batch(self, pngs: list[bytes]) -> np.ndarray:
         import torch
 
-        pixels = torch.from_numpy(np.stack([decode_pixels(p, self.image) for p in pngs]))  # (c, C, H, W)
+        pixels = torch.from_numpy(decode_pixels(pngs, self.image))  # (c, C, H, W)
         with torch.inference_mode():
             logits = self.model.classify(pixels)  # (c, n_labels)
         return torch.softmax(logits, dim=-1).numpy()
