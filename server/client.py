@@ -57,6 +57,17 @@ SERVICE_CONFIG = json.dumps({
 })
 
 
+def set_prompt(request, prompt: Optional[str], messages: Optional[Sequence[tuple[str, str]]],
+               prompt_token_ids: Optional[Sequence[int]]) -> None:
+    """Fill a request's `input` oneof (GenerateRequest, InspectAttentionRequest): chat messages, token ids or text."""
+    if messages is not None:
+        request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]))
+    elif prompt_token_ids is not None:
+        request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=list(prompt_token_ids)))
+    else:
+        request.prompt = prompt or ""
+
+
 def build_request(prompt: Optional[str] = None, messages: Optional[Sequence[tuple[str, str]]] = None,
                   max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
                   top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
@@ -65,12 +76,7 @@ def build_request(prompt: Optional[str] = None, messages: Optional[Sequence[tupl
                   ignore_eos: bool = False) -> pb.GenerateRequest:
     request = pb.GenerateRequest(max_new_tokens=max_new_tokens, stop=list(stop), logprobs=logprobs,
                                  request_id=request_id, ignore_eos=ignore_eos)
-    if messages is not None:
-        request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]))
-    elif prompt_token_ids is not None:
-        request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=list(prompt_token_ids)))
-    else:
-        request.prompt = prompt or ""
+    set_prompt(request, prompt, messages, prompt_token_ids)
     request.sampling.temperature = temperature
     request.sampling.top_k = top_k
     if top_p is not None:
@@ -145,12 +151,7 @@ class AttnserveClient:
         """Each head's attention probabilities (read them with `attention_pictures`). Answers can be tens of MB:
         make the client with options=[("grpc.max_receive_message_length", ...)] (the CLI does)."""
         request = pb.InspectAttentionRequest(layers=list(layers), heads=list(heads), generated_tokens=generated_tokens)
-        if messages is not None:
-            request.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]))
-        elif prompt_token_ids is not None:
-            request.prompt_token_ids.CopyFrom(pb.TokenIds(ids=list(prompt_token_ids)))
-        else:
-            request.prompt = prompt or ""
+        set_prompt(request, prompt, messages, prompt_token_ids)
         return self.stub.InspectAttention(request, **self._call_options(kwargs))
 
     def close(self) -> None:
