@@ -13,6 +13,7 @@ functions here so the tests check them without a server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 from bench.systems import ROOT, AttnserveGrpc, RequestRecord, ServerSettings, System, metric_sum, terminate
 from bench.workload import BenchRequest
@@ -83,6 +84,23 @@ class SseDecoder:
         if name == "data":
             self._data.append(value.removeprefix(" "))
         return None
+
+
+async def sse_events(session, url: str, body: dict) -> AsyncIterator[dict]:
+    """POST body as JSON and yield each server-sent event's data, parsed, until `[DONE]` or the stream ends.
+    A status other than 200 raises with the start of the answer. Use it under contextlib.aclosing, so that
+    leaving early closes the connection at once."""
+    decoder = SseDecoder()
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+        async for line in response.content:
+            data = decoder.feed(line.decode())
+            if data is None:
+                continue
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
 
 
 def llamacpp_body(request: BenchRequest) -> dict:
@@ -163,17 +181,10 @@ class AttnserveHttp(AttnserveGrpc):
         await super().stop()
 
     async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
-        decoder, chunk_times, completion_tokens = SseDecoder(), [], None
-        async with self.session.post(self._url("/v1/completions"), json=openai_body(request, self.model)) as response:
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
-            async for line in response.content:
-                data = decoder.feed(line.decode())
-                if data is None:
-                    continue
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+        chunk_times, completion_tokens = [], None
+        async with contextlib.aclosing(sse_events(self.session, self._url("/v1/completions"),
+                                                  openai_body(request, self.model))) as events:
+            async for event in events:
                 if "error" in event:
                     raise RuntimeError(f"attnserve: {event['error'].get('message')}")
                 if event.get("choices"):
@@ -299,15 +310,10 @@ class LlamaCppServer(System):
             self.session = None
 
     async def generate(self, request: BenchRequest, record: RequestRecord) -> None:
-        decoder, tokens = SseDecoder(), 0
-        async with self.session.post(self._url("/completion"), json=llamacpp_body(request)) as response:
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
-            async for line in response.content:
-                data = decoder.feed(line.decode())
-                if data is None:
-                    continue
-                event = json.loads(data)
+        tokens = 0
+        async with contextlib.aclosing(sse_events(self.session, self._url("/completion"),
+                                                  llamacpp_body(request))) as events:
+            async for event in events:
                 new = llamacpp_event_tokens(event, tokens)
                 if new:
                     tokens += new
