@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -249,3 +250,20 @@ class HeldStream:
     def close(self) -> None:
         self.call.cancel()
         self.channel.close()
+
+
+@contextlib.contextmanager
+def queue_held_full(server, prompt_token_ids):
+    """A server started with kv_slots=1 and max_queued_requests=1, its only slot held by a stream the test does
+    not read and one request queued behind it: inside, the next request meets a full queue."""
+    held = waiting = None
+    try:
+        held = HeldStream(server.target, prompt_token_ids, max_new_tokens=900)
+        held.read()  # admitted: the only slot is held while the test does not read
+        waiting = HeldStream(server.target, prompt_token_ids, max_new_tokens=4)
+        wait_until(lambda: server.engine.queued == 1, 30, "the second request did not queue")
+        yield
+    finally:
+        for stream in (held, waiting):
+            if stream is not None:
+                stream.close()

@@ -18,7 +18,7 @@ from inference import grpc_service_pb2 as kpb
 from inference import grpc_service_pb2_grpc as kpb_grpc
 from server.client import AttnserveClient
 from server.kserve_convert import decode_bytes_elements
-from tests.server.helpers import ROOT, HeldStream, InProcessServer, wait_until
+from tests.server.helpers import ROOT, InProcessServer, queue_held_full, wait_until
 
 DRIVER = ROOT / "tests" / "server" / "kserve_tritonclient.py"
 FLAGS = ("--kv-slots", "4", "--max-seq-len", "1024", "--max-new-tokens-limit", "1000")
@@ -213,19 +213,12 @@ def test_cancelling_a_stream_frees_its_kv_slot_and_requests_count_as_kserve(serv
 
 def test_a_full_queue_is_resource_exhausted(test_model_dir):
     server = InProcessServer(test_model_dir, kv_slots=1, max_queued_requests=1, max_seq_len=1024)
-    held = waiting = None
     try:
-        held = HeldStream(server.target, PROMPT_IDS, max_new_tokens=900)
-        held.read()  # admitted: the only slot is held while the test does not read
-        waiting = HeldStream(server.target, PROMPT_IDS, max_new_tokens=4)
-        wait_until(lambda: server.engine.queued == 1, 30, "the second request did not queue")
-        (refused,) = triton(server.target, {"op": "infer", "text": PROMPT, "parameters": {"max_tokens": 4}})
-        assert status_of(refused) == "RESOURCE_EXHAUSTED", refused
-        assert server.metric("attnserve_requests_rejected_total", 'protocol="kserve",reason="queue_full"') == 1
+        with queue_held_full(server, PROMPT_IDS):
+            (refused,) = triton(server.target, {"op": "infer", "text": PROMPT, "parameters": {"max_tokens": 4}})
+            assert status_of(refused) == "RESOURCE_EXHAUSTED", refused
+            assert server.metric("attnserve_requests_rejected_total", 'protocol="kserve",reason="queue_full"') == 1
     finally:
-        for stream in (held, waiting):
-            if stream is not None:
-                stream.close()
         server.stop()
 
 

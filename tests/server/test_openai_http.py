@@ -22,7 +22,7 @@ from server.errors import InvalidRequestError, QueueFullError, ServerDrainingErr
 from server.http_errors import ModelNotFoundError, classify, error_body, translate
 from server.convert import request_fields
 from server.openai_convert import to_request_fields
-from tests.server.helpers import HeldStream, InProcessServer, free_port, wait_until
+from tests.server.helpers import InProcessServer, free_port, queue_held_full, wait_until
 
 FLAGS = ("--kv-slots", "2", "--max-seq-len", "1024", "--max-request-bytes", "65536",
          "--max-new-tokens-limit", "1000", "--default-max-new-tokens", "16")
@@ -439,20 +439,13 @@ def test_with_tls_the_http_api_speaks_tls_only(test_model_dir, server_class, tmp
 def test_a_full_queue_is_429_with_retry_after(test_model_dir):
     server = InProcessServer(test_model_dir, kv_slots=1, max_queued_requests=1, max_seq_len=1024,
                              http_port=free_port())
-    held = waiting = None
     try:
-        held = HeldStream(server.target, PROMPT_IDS, max_new_tokens=900)
-        held.read()  # admitted: the only slot is held while the test does not read
-        waiting = HeldStream(server.target, PROMPT_IDS, max_new_tokens=4)
-        wait_until(lambda: server.engine.queued == 1, 30, "the second request did not queue")
-        status, headers, body = post(server.server, "/v1/completions",
-                                     json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
-        assert status == 429 and headers["Retry-After"] == "1"
-        assert body["error"]["type"] == "rate_limit_error" and "max-queued-requests" in body["error"]["message"]
-        assert server.metric("attnserve_requests_rejected_total", 'protocol="http",reason="queue_full"') == 1
-        assert server.metric("attnserve_requests_rejected_total", 'protocol="grpc",reason="queue_full"') == 0
+        with queue_held_full(server, PROMPT_IDS):
+            status, headers, body = post(server.server, "/v1/completions",
+                                         json.dumps({"prompt": "hi", "max_tokens": 2}).encode())
+            assert status == 429 and headers["Retry-After"] == "1"
+            assert body["error"]["type"] == "rate_limit_error" and "max-queued-requests" in body["error"]["message"]
+            assert server.metric("attnserve_requests_rejected_total", 'protocol="http",reason="queue_full"') == 1
+            assert server.metric("attnserve_requests_rejected_total", 'protocol="grpc",reason="queue_full"') == 0
     finally:
-        for stream in (held, waiting):
-            if stream is not None:
-                stream.close()
         server.stop()
