@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -295,6 +295,14 @@ class BatchedModel:
         """Probabilities float32 [N, len(card.labels)] of uint8 [H, W, C] images (server/images.py)."""
         self._check_kind(contract.KIND_IMAGE_CLASSIFIER)
         return await self._call(CLASSIFY, "images", list(images), {}, protocol)
+
+    async def classify_encoded(self, count: int, decode: Callable[[], list], protocol: str = "grpc") -> np.ndarray:
+        """classify() of images a front still has to decode (decode() returns them as uint8 [H, W, C]): room for
+        `count` inputs is checked first, so a burst does not pay to decode what it cannot run, and decoding
+        (milliseconds for megabytes of PNG; Pillow releases the GIL) runs off the event loop."""
+        self.check_capacity(count, protocol)
+        images = await asyncio.get_running_loop().run_in_executor(None, decode)
+        return await self.classify(images, protocol)
 
     def _check_kind(self, kind: str) -> None:
         if self.kind != kind:

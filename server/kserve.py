@@ -169,11 +169,11 @@ class InferenceService:
     async def _classify(self, model: BatchedModel, message) -> pb.ModelInferResponse:
         limits = self.models.image_limits
         pictures = convert.classify_inputs(message, model.settings.max_inputs_per_request, limits.max_pixels)
-        model.check_capacity(len(pictures.images), PROTOCOL)  # a burst must not pay to decode what it cannot run
-        pixels = pictures.images
-        if pictures.encoded:  # decoding megabytes of PNG takes milliseconds: off the event loop
-            pixels = await asyncio.get_running_loop().run_in_executor(None, _decode_all, pixels, limits)
-        probabilities = await model.classify(pixels, PROTOCOL)
+        if pictures.encoded:
+            probabilities = await model.classify_encoded(
+                len(pictures.images), lambda: _decode_all(pictures.images, limits), PROTOCOL)
+        else:  # raw PIXELS, already uint8 arrays
+            probabilities = await model.classify(pictures.images, PROTOCOL)
         return convert.classify_response(model.name, message.id, probabilities, model.card.labels, pictures.outputs)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:

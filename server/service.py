@@ -298,11 +298,9 @@ class GenerationService:
                 raise InvalidRequestError("texts", f"model {model.name} classifies images; no text classifier is "
                                                    "served")
             encoder_convert.check_image_count(len(message.images), model.settings.max_inputs_per_request)
-            model.check_capacity(len(message.images), PROTOCOL)  # a burst must not pay to decode what it cannot run
-            # Decoding megabytes of PNG takes milliseconds: off the event loop (Pillow releases the GIL).
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                None, encoder_convert.images_from_proto, message, self.models.image_limits)
-            probabilities = await model.classify(pixels, PROTOCOL)
+            probabilities = await model.classify_encoded(
+                len(message.images), lambda: encoder_convert.images_from_proto(message, self.models.image_limits),
+                PROTOCOL)
             return encoder_convert.classify_response(model.name, model.card.labels, probabilities, message.top_k)
 
     async def Tokenize(self, message, context) -> pb.TokenizeResponse:
