@@ -42,12 +42,6 @@ def embed_response(model: str, result: EmbedResult) -> bytes:
     return b"".join(parts)
 
 
-def check_image_count(count: int, max_inputs: int, field: str = "images") -> None:
-    """Before decoding: a call with too many images is refused without decoding any."""
-    if count > max_inputs:
-        raise InvalidRequestError(field, f"has {count} entries; at most {max_inputs} per call are allowed")
-
-
 def images_from_proto(message: pb.ClassifyRequest, limits: ImageLimits) -> list[np.ndarray]:
     """Each Image to uint8 [H, W, C]. Decodes: call it off the event loop."""
     pixels = []

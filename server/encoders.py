@@ -250,6 +250,14 @@ class BatchedModel:
     def queued_inputs(self) -> int:
         return self._queued_inputs
 
+    def check_inputs(self, field: str, count: int) -> None:
+        """A call's count of texts or images: at least one, at most --max-inputs-per-request."""
+        if not count:
+            raise InvalidRequestError(field, "is empty; send at least one")
+        if count > self.settings.max_inputs_per_request:
+            raise InvalidRequestError(field, f"has {count} entries; at most "
+                                             f"{self.settings.max_inputs_per_request} per call are allowed")
+
     def check_capacity(self, inputs: int = 1, protocol: str = "grpc", kind: str = CLASSIFY) -> None:
         """Raise what a call of `inputs` inputs would meet for lack of room, taking nothing; a refusal is
         reported as the call's outcome (rejected), as embed() and classify() report theirs."""
@@ -311,11 +319,7 @@ class BatchedModel:
     async def _call(self, kind: str, field: str, inputs: list, options: dict, protocol: str):
         started, outcome = time.monotonic(), ERROR
         try:
-            if not inputs:
-                raise InvalidRequestError(field, "is empty; send at least one")
-            if len(inputs) > self.settings.max_inputs_per_request:
-                raise InvalidRequestError(field, f"has {len(inputs)} entries; at most "
-                                                 f"{self.settings.max_inputs_per_request} per call are allowed")
+            self.check_inputs(field, len(inputs))
             call = _Call(asyncio.get_running_loop(), inputs, options)
             with self._cond:
                 self._refuse_if_full(len(inputs))

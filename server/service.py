@@ -297,7 +297,7 @@ class GenerationService:
             if message.texts:
                 raise InvalidRequestError("texts", f"model {model.name} classifies images; no text classifier is "
                                                    "served")
-            encoder_convert.check_image_count(len(message.images), model.settings.max_inputs_per_request)
+            model.check_inputs("images", len(message.images))  # before decoding any
             probabilities = await model.classify_encoded(
                 len(message.images), lambda: encoder_convert.images_from_proto(message, self.models.image_limits),
                 PROTOCOL)
