@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,11 +38,12 @@ from export.errors import ExportError
 from export.model_dir import EXPORTER_VERSION
 from export.onnx_export import _quiet_exporter_logs
 from export.sentences import tiny_wordpiece_tokenizer, verification_sentences
-from model.checkpoint import TOKENIZER, load_checkpoint, read_checkpoint_meta, replace_dir, save_checkpoint
+from model.checkpoint import TOKENIZER, load_checkpoint, read_checkpoint_meta, save_checkpoint, staging_dir
 from model.config import preset
 from model.transformer import Transformer
 from server import contract
 from server.contract import EncoderCard
+from server.probe import cpu_flags  # the flags that decide onnxruntime's kernels, as the decoder's card records
 from server.runner import session_options
 
 # Every sentence's embedding must point where the reference's does ...
@@ -228,37 +228,6 @@ def exporter_info(attention: str) -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "attention": attention}
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's vector extensions, recorded with every figure: onnxruntime picks kernels by them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return sorted(f for f in flags if f == "avx2" or f.startswith("avx512"))
-
-
-class _StagingDir:
-    """A temporary sibling of out_dir, renamed onto it by commit(); removed if anything fails first."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-
-    def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
-        self.path.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
-        return self.path
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            for path in self.path.iterdir():
-                path.chmod(0o644)
-            replace_dir(self.path, self.out_dir)
-        else:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
 def build_encoder_dir(checkpoint_dir: Path, out_dir: Path, *, reference: Optional[Reference] = None,
                       reference_name: str = "attnserve PyTorch", texts: Optional[list[str]] = None,
                       log=print) -> EncoderCard:
@@ -276,7 +245,7 @@ def build_encoder_dir(checkpoint_dir: Path, out_dir: Path, *, reference: Optiona
         raise ExportError(f"max_tokens {max_tokens} must lie in 3..{config.max_positions} (the model's positions)")
     tokenizer_json = serving_tokenizer((Path(checkpoint_dir) / TOKENIZER).read_text(), config.vocab_size)
     texts = texts or verification_sentences()
-    with _StagingDir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp:
         log(f"exporting {config.name} ({model.num_parameters() / 1e6:.1f}M parameters) to ONNX ...")
         export_encoder(model, tmp / contract.MODEL_FILE)
         (tmp / contract.TOKENIZER_FILE).write_text(tokenizer_json)
@@ -307,7 +276,7 @@ def build_image_classifier_dir(checkpoint_dir: Path, out_dir: Path, log=print) -
     model, meta = load_classifier_checkpoint(checkpoint_dir)
     config = meta["model"]
     split = load_split(meta["split"]["seed"], meta["split"]["test_fraction"])
-    with _StagingDir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp:
         log(f"exporting {config.name} ({model.num_parameters() / 1e3:.0f}K parameters) to ONNX ...")
         export_classifier(model, tmp / contract.MODEL_FILE)
         figures = verify_classifier(tmp, model, normalize(split.test_x, meta["image"]), split.test_y)

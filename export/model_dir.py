@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +27,7 @@ from export.onnx_export import export_onnx, optimize_graph_file
 from export import quantize
 from export.probe import write_probe
 from export.verify import verify
-from model.checkpoint import TOKENIZER, read_checkpoint_meta, load_checkpoint, replace_dir
+from model.checkpoint import TOKENIZER, read_checkpoint_meta, load_checkpoint, staging_dir
 from model.config import ModelConfig
 from server.runner import RunnerError, missing_quantized_ops
 
@@ -110,11 +108,7 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
     tokenizer_json = (Path(checkpoint_dir) / TOKENIZER).read_text()
     check_tokenizer(tokenizer_json, meta["model"])
     model, config = load_checkpoint(checkpoint_dir)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
-    try:
+    with staging_dir(out_dir) as tmp:  # renamed onto out_dir only once everything below succeeded
         started = time.perf_counter()
         log(f"exporting {config.name} ({model.num_parameters() / 1e6:.1f}M parameters) to ONNX in {dtype} ...")
         export_onnx(model, tmp / contract.MODEL_FILE, dtype)
@@ -152,10 +146,6 @@ def build_model_dir(checkpoint_dir: Path, out_dir: Path, log=print, dtype: str =
             (tmp / contract.CARD_FILE).write_text(card.to_json())
         log(format_figures(figures))
         log(format_probe(card.probe))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return card
 
 

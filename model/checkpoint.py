@@ -9,12 +9,13 @@ the exporter has one input format.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -38,24 +39,34 @@ def save_checkpoint(
     extra: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write atomically: a temporary sibling dir is renamed into place, so a crash leaves no partial checkpoint."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
-    try:
+    with staging_dir(out_dir) as tmp:
         state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         meta = {"model": model.config.to_dict(), "special_tokens": special_tokens, "chat_template": chat_template}
         meta.update(extra or {})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / TOKENIZER).write_text(tokenizer_json)
-        for path in tmp.iterdir():
-            path.chmod(0o644)  # safetensors writes 0600; servers often run as another user
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of out_dir to write a whole dir into. When the block ends well its files are made
+    readable by all (safetensors and onnx write 0600; servers often run as another user) and it replaces
+    out_dir (replace_dir); when it raises, it is removed and out_dir is left as it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def replace_dir(src: Path, dst: Path) -> None:

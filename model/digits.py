@@ -14,8 +14,6 @@ so nothing is downloaded.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, module_from_state, replace_dir
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, module_from_state, staging_dir
 from model.config import ModelConfig, preset
 from model.transformer import Transformer
 
@@ -191,11 +189,7 @@ def train_digits(out_dir: Path, preset_name: str = "vit-digits", log=print, **ov
 
 def save_classifier_checkpoint(out_dir: Path, model: Transformer, image: dict, figures: dict, curves: Curves) -> Path:
     """Write atomically, as model/checkpoint.py does: a temporary sibling dir renamed into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; servers often run as another user
-    try:
+    with staging_dir(out_dir) as tmp:
         save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, str(tmp / WEIGHTS))
         meta = {"model": model.config.to_dict(), "labels": LABELS, "image": image,
                 "split": {"dataset": "sklearn.datasets.load_digits", "seed": figures["settings"]["seed"],
@@ -204,13 +198,7 @@ def save_classifier_checkpoint(out_dir: Path, model: Transformer, image: dict, f
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / CURVES_JSON).write_text(json.dumps(asdict(curves), indent=2) + "\n")
         plot_curves(tmp / CURVES_PNG, curves, f"{model.config.name}: {model.num_parameters() / 1e3:.0f} K parameters")
-        for path in tmp.iterdir():
-            path.chmod(0o644)  # safetensors writes 0600
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def load_classifier_checkpoint(ckpt_dir: Path) -> tuple[Transformer, dict]:
